@@ -1,0 +1,17 @@
+"""minillm: large language models built from scratch in pure PyTorch, chapter by chapter.
+
+One module per idea (see the module map in the README):
+
+- ``minillm.device``: device pick, seeding, autocast policy, ``maybe_compile``
+- ``minillm.linreg``: linear regression with hand-derived gradients
+- ``minillm.optim``: SGD, RMSprop, Adam, AdamW, LAMB and LR schedules, written by hand
+- ``minillm.data``: the shipped data sets and how to read them
+- ``minillm.plots``: the figures chapters save
+- ``minillm.config``: dataclass configurations turned into command-line interfaces
+"""
+
+__version__ = "0.1.0"
+
+
+class MinillmError(Exception):
+    """A user's mistake (bad file, bad option): shown as one sentence, never as a traceback."""

@@ -1,0 +1,179 @@
+"""Where the work runs: device choice, seeding, mixed precision and ``torch.compile``.
+
+Every chapter starts with the same three lines::
+
+    device = pick_device()          # cuda > mps > cpu, or what --device / MINILLM_DEVICE says
+    seed_everything(1337)           # python, numpy and torch generators, all devices
+    model = maybe_compile(model)    # torch.compile where it works, eager otherwise
+
+and runs its forward passes under ``autocast(device)``, which is bf16 on GPUs that support it
+and plain fp32 everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import random
+import shutil
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+
+from minillm import MinillmError
+
+DEVICE_ENV = "MINILLM_DEVICE"
+COMPILE_ENV = "MINILLM_COMPILE"
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(requested: str | None = "auto") -> torch.device:
+    """Return the device to run on.
+
+    ``requested`` is ``"auto"`` (or None) for the best available device, in the order
+    cuda > mps > cpu, or an explicit device string such as ``"cpu"``, ``"cuda"``, ``"cuda:1"``
+    or ``"mps"``. When it is "auto", the environment variable ``MINILLM_DEVICE`` overrides it.
+    Asking for a device this machine lacks raises :class:`MinillmError` with one clear sentence.
+    """
+    if requested in (None, "", "auto"):
+        requested = os.environ.get(DEVICE_ENV, "auto") or "auto"
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise MinillmError(
+            f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MinillmError(f"device {requested!r} was asked for, but this machine has no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MinillmError(
+                f"device {requested!r} was asked for, but this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    elif device.type == "mps" and not _mps_available():
+        raise MinillmError(f"device {requested!r} was asked for, but MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise MinillmError(f"unsupported device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """A one-line human description, e.g. ``cuda:0 (NVIDIA H100, bf16 autocast)``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+        precision = "bf16 autocast" if autocast_dtype(device) == torch.bfloat16 else "fp32"
+        return f"cuda:{index} ({name}, {precision})"
+    if device.type == "mps":
+        return "mps (Apple GPU, fp32)"
+    return f"cpu ({torch.get_num_threads()} threads, fp32)"
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and every GPU) random number generators.
+
+    With ``deterministic=True`` PyTorch is also asked to use deterministic kernels only
+    (slower on GPUs; an error where an operation has no deterministic version).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype that matrix multiplies run in under :func:`autocast`.
+
+    bfloat16 on CUDA GPUs that support it (Ampere and newer): same exponent range as fp32, so
+    no loss scaling is needed. float32 everywhere else: CPU autocast to bf16 is slower than
+    fp32 on most CPUs, and fp16 would need a gradient scaler.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A context manager for mixed precision forward passes under the policy of :func:`autocast_dtype`.
+
+    It is a no-op (``contextlib.nullcontext``) when the policy says fp32.
+    """
+    device = torch.device(device)
+    dtype = autocast_dtype(device)
+    if not enabled or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compile_unsupported_reason(device: torch.device | str) -> str | None:
+    """Why ``torch.compile`` cannot work for ``device`` on this machine, or None if it should.
+
+    The checks are the ones that otherwise fail deep inside the compiler on the first forward
+    pass: no compile on MPS, a C compiler for the CPU backend, Triton for the CUDA backend,
+    a supported Python, and the ``MINILLM_COMPILE=0`` switch.
+    """
+    device = torch.device(device)
+    if os.environ.get(COMPILE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{COMPILE_ENV}=0 is set"
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if sys.platform == "win32":
+        return "torch.compile's default backend does not support Windows"
+    if device.type == "mps":
+        return "torch.compile is not supported on MPS"
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        if not compiler:
+            return "no C++ compiler (g++ or clang++) was found, which compile needs on the CPU"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed, which compile needs on CUDA"
+    return None
+
+
+def maybe_compile(
+    model: torch.nn.Module | Callable,
+    device: torch.device | str | None = None,
+    enabled: bool = True,
+    log: Callable[[str], None] | None = None,
+    **compile_kwargs,
+):
+    """``torch.compile`` the model where it works; keep it eager, with a one-line message, where not.
+
+    A module is compiled in place (``model.compile()``), so its ``state_dict`` keys and the
+    object the caller holds stay the same; a plain function is wrapped by ``torch.compile``.
+    ``device`` defaults to the device of the module's first parameter (cpu for functions).
+    Returns the (possibly compiled) model.
+    """
+    if not enabled:
+        return model
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if device is None:
+        first = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+        device = first.device if first is not None else torch.device("cpu")
+    reason = compile_unsupported_reason(device)
+    if reason is not None:
+        log(f"torch.compile skipped, running eager: {reason}.")
+        return model
+    if isinstance(model, torch.nn.Module):
+        model.compile(**compile_kwargs)
+        return model
+    return torch.compile(model, **compile_kwargs)

@@ -1,0 +1,373 @@
+"""Optimizers and learning-rate schedules, written out with plain tensor arithmetic.
+
+Every optimizer here is a ``torch.optim.Optimizer`` subclass with the same argument names,
+defaults and per-parameter state names as its ``torch.optim`` namesake, so it drops into any
+training loop (and loads a ``torch.optim`` state dict). Only the implementation switches
+(``foreach``, ``fused``, ``capturable``, ``differentiable``) are left out: each ``step`` is a
+plain Python loop over parameters whose lines are the update equations in the docstrings.
+``tests/test_optim.py`` checks every trajectory against ``torch.optim`` to 1e-7 relative.
+
+Notation: :math:`\\theta_t` parameters, :math:`g_t = \\nabla_\\theta L(\\theta_{t-1})` gradient,
+:math:`\\eta` learning rate, :math:`\\lambda` weight decay, :math:`t = 1, 2, \\dots` the step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+Params = Iterable[torch.Tensor] | Iterable[dict]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_betas(betas: tuple[float, float]) -> None:
+    _check(len(betas) == 2, f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for index, beta in enumerate(betas):
+        _check(0.0 <= beta < 1.0, f"Invalid beta parameter at index {index}: {beta} (must be in [0, 1))")
+
+
+def _gradient(param: torch.Tensor, maximize: bool, name: str) -> torch.Tensor:
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    if torch.is_complex(param):
+        raise RuntimeError(f"{name} supports real-valued parameters only")
+    return -grad if maximize else grad
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum (Polyak 1964; Sutskever et al. 2013 for Nesterov).
+
+    .. math::
+        g_t &\\leftarrow g_t + \\lambda \\theta_{t-1}                       && \\text{(L2 weight decay)} \\\\
+        b_t &= \\mu b_{t-1} + (1 - \\tau) g_t, \\quad b_1 = g_1          && \\text{(momentum buffer, dampening } \\tau) \\\\
+        d_t &= g_t + \\mu b_t \\ \\text{(nesterov)} \\quad\\text{or}\\quad d_t = b_t \\\\
+        \\theta_t &= \\theta_{t-1} - \\eta d_t
+
+    Without momentum (:math:`\\mu = 0`) it is plain :math:`\\theta_t = \\theta_{t-1} - \\eta g_t`.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
+        _check(lr >= 0.0, f"Invalid learning rate: {lr}")
+        _check(momentum >= 0.0, f"Invalid momentum value: {momentum}")
+        _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        _check(not nesterov or (momentum > 0 and dampening == 0), "Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = _gradient(param, group["maximize"], "SGD")
+                if group["weight_decay"] != 0:
+                    grad = grad.add(param, alpha=group["weight_decay"])              # g += wd theta
+                if momentum != 0:
+                    state = self.state[param]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = grad.clone().detach()                                  # b_1 = g_1
+                    else:
+                        buf.mul_(momentum).add_(grad, alpha=1 - dampening)           # b_t = mu b + (1-tau) g
+                    state["momentum_buffer"] = buf
+                    grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf  # d = g + mu b, or b
+                param.add_(grad, alpha=-lr)                                          # theta -= lr d
+        return loss
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Hinton, Coursera lecture 6e, 2012), optionally centered (Graves 2013).
+
+    .. math::
+        g_t &\\leftarrow g_t + \\lambda \\theta_{t-1} \\\\
+        v_t &= \\alpha v_{t-1} + (1 - \\alpha) g_t^2 \\\\
+        \\bar g_t &= \\alpha \\bar g_{t-1} + (1 - \\alpha) g_t, \\quad
+            \\tilde v_t = v_t - \\bar g_t^2 \\ \\text{(centered)}, \\ \\text{else } \\tilde v_t = v_t \\\\
+        b_t &= \\mu b_{t-1} + g_t / (\\sqrt{\\tilde v_t} + \\epsilon), \\quad \\theta_t = \\theta_{t-1} - \\eta b_t
+            \\ \\text{(momentum } \\mu > 0\\text{)} \\\\
+        \\theta_t &= \\theta_{t-1} - \\eta\\, g_t / (\\sqrt{\\tilde v_t} + \\epsilon) \\ \\text{(otherwise)}
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, *, maximize: bool = False):
+        _check(lr >= 0.0, f"Invalid learning rate: {lr}")
+        _check(eps >= 0.0, f"Invalid epsilon value: {eps}")
+        _check(momentum >= 0.0, f"Invalid momentum value: {momentum}")
+        _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        _check(alpha >= 0.0, f"Invalid alpha value: {alpha}")
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        centered=centered, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, alpha, eps, momentum = group["lr"], group["alpha"], group["eps"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = _gradient(param, group["maximize"], "RMSprop")
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    if momentum > 0:
+                        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    if group["centered"]:
+                        state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                if group["weight_decay"] != 0:
+                    grad = grad.add(param, alpha=group["weight_decay"])              # g += wd theta
+                square_avg = state["square_avg"]
+                square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)          # v = a v + (1-a) g^2
+                if group["centered"]:
+                    grad_avg = state["grad_avg"]
+                    grad_avg.lerp_(grad, 1 - alpha)                                    # gbar = a gbar + (1-a) g
+                    denom = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_().add_(eps)  # sqrt(v - gbar^2) + eps
+                else:
+                    denom = square_avg.sqrt().add_(eps)                                # sqrt(v) + eps
+                if momentum > 0:
+                    buf = state["momentum_buffer"]
+                    buf.mul_(momentum).addcdiv_(grad, denom)                          # b = mu b + g / denom
+                    param.add_(buf, alpha=-lr)
+                else:
+                    param.addcdiv_(grad, denom, value=-lr)
+        return loss
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015), with AMSGrad (Reddi et al., 2018) as an option.
+
+    .. math::
+        g_t &\\leftarrow g_t + \\lambda \\theta_{t-1}
+            \\quad \\text{(L2 penalty; with decoupled_weight_decay, AdamW's rule instead)} \\\\
+        m_t &= \\beta_1 m_{t-1} + (1 - \\beta_1) g_t                && \\text{first moment} \\\\
+        v_t &= \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2              && \\text{second moment} \\\\
+        \\hat m_t &= m_t / (1 - \\beta_1^t), \\quad \\hat v_t = v_t / (1 - \\beta_2^t)  && \\text{bias correction} \\\\
+        \\theta_t &= \\theta_{t-1} - \\eta\\, \\hat m_t / (\\sqrt{\\hat v_t} + \\epsilon)
+
+    With ``amsgrad``, :math:`v_t` in the bias-corrected :math:`\\hat v_t` is replaced by the running
+    maximum :math:`\\max(v_1, \\dots, v_t)`.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = False):
+        _check(lr >= 0.0, f"Invalid learning rate: {lr}")
+        _check(eps >= 0.0, f"Invalid epsilon value: {eps}")
+        _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        _check_betas(betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = _gradient(param, group["maximize"], type(self).__name__)
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"].item()
+                if weight_decay != 0:
+                    if group["decoupled_weight_decay"]:
+                        param.mul_(1 - lr * weight_decay)                              # theta *= 1 - lr wd
+                    else:
+                        grad = grad.add(param, alpha=weight_decay)                     # g += wd theta
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)                                         # m_t = b1 m + (1-b1) g
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)           # v_t = b2 v + (1-b2) g^2
+                if group["amsgrad"]:
+                    torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+                    exp_avg_sq = state["max_exp_avg_sq"]
+                bias_correction1 = 1 - beta1**t
+                bias_correction2 = 1 - beta2**t
+                # theta -= lr m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1 and sqrt(v_hat) = sqrt(v) / sqrt(bc2).
+                # The division by bc1 is folded into the scalar step size: one tensor operation fewer,
+                # and exactly torch.optim's rounding, so trajectories agree to the last bits.
+                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)         # sqrt(v_hat) + eps
+                param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)           # theta -= (lr / bc1) m / denom
+        return loss
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+    The decay shrinks the weights directly instead of entering the gradient, so it is not
+    rescaled by Adam's per-coordinate step size:
+
+    .. math::
+        \\theta_{t-1} &\\leftarrow \\theta_{t-1} (1 - \\eta \\lambda) \\\\
+        m_t, v_t, \\hat m_t, \\hat v_t &\\ \\text{as in Adam, from the raw gradient } g_t \\\\
+        \\theta_t &= \\theta_{t-1} - \\eta\\, \\hat m_t / (\\sqrt{\\hat v_t} + \\epsilon)
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, decoupled_weight_decay=True)
+
+
+class LAMB(Optimizer):
+    """LAMB: layer-wise adaptive moments for large-batch training (You et al., 2019, Algorithm 2).
+
+    Adam's direction plus decoupled weight decay, rescaled per parameter tensor ("layer") by a
+    trust ratio so that each layer's step is proportional to the size of its weights:
+
+    .. math::
+        m_t &= \\beta_1 m_{t-1} + (1 - \\beta_1) g_t, \\quad v_t = \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2 \\\\
+        \\hat m_t &= m_t / (1 - \\beta_1^t), \\quad \\hat v_t = v_t / (1 - \\beta_2^t)
+            \\quad \\text{(if bias_correction)} \\\\
+        u_t &= \\hat m_t / (\\sqrt{\\hat v_t} + \\epsilon) + \\lambda \\theta_{t-1} \\\\
+        r_t &= \\lVert \\theta_{t-1} \\rVert_2 / \\lVert u_t \\rVert_2
+            \\quad (r_t = 1 \\text{ if either norm is } 0) \\\\
+        \\theta_t &= \\theta_{t-1} - \\eta\\, r_t\\, u_t
+
+    ``max_trust_ratio`` clips :math:`r_t` from above (None: no clipping). With
+    ``layer_adaptation=False`` the trust ratio is fixed at 1 and LAMB is exactly AdamW.
+    The last trust ratio of each parameter is kept in ``optimizer.state[p]["trust_ratio"]``.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, *, bias_correction: bool = True,
+                 layer_adaptation: bool = True, max_trust_ratio: float | None = None, maximize: bool = False):
+        _check(lr >= 0.0, f"Invalid learning rate: {lr}")
+        _check(eps >= 0.0, f"Invalid epsilon value: {eps}")
+        _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        _check(max_trust_ratio is None or max_trust_ratio > 0, f"Invalid max_trust_ratio: {max_trust_ratio}")
+        _check_betas(betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        layer_adaptation=layer_adaptation, max_trust_ratio=max_trust_ratio, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = _gradient(param, group["maximize"], "LAMB")
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"].item()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)                                         # m_t = b1 m + (1-b1) g
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)           # v_t = b2 v + (1-b2) g^2
+                bias_correction1 = 1 - beta1**t if group["bias_correction"] else 1.0
+                bias_correction2 = 1 - beta2**t if group["bias_correction"] else 1.0
+                denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)             # sqrt(v_hat) + eps
+                update = (exp_avg / bias_correction1).div_(denom)                      # m_hat / (sqrt(v_hat) + eps)
+                if weight_decay != 0:
+                    update.add_(param, alpha=weight_decay)                             # u_t = ... + wd theta
+                trust_ratio = torch.ones((), dtype=param.dtype, device=param.device)
+                if group["layer_adaptation"]:
+                    weight_norm = torch.linalg.vector_norm(param)                      # ||theta||
+                    update_norm = torch.linalg.vector_norm(update)                     # ||u||
+                    trust_ratio = torch.where(
+                        (weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, trust_ratio
+                    )
+                    if group["max_trust_ratio"] is not None:
+                        trust_ratio = trust_ratio.clamp(max=group["max_trust_ratio"])
+                state["trust_ratio"] = trust_ratio
+                param.add_(update.mul_(trust_ratio), alpha=-lr)                        # theta -= lr r u
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedules
+# --------------------------------------------------------------------------------------------
+
+
+def warmup_cosine_lr(step: int, *, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to a floor; the learning rate of optimizer step ``step`` (0-based).
+
+    .. math::
+        \\eta(s) = \\begin{cases}
+            \\eta_{\\max} \\cdot (s + 1) / W & s < W \\\\
+            \\eta_{\\min} + \\tfrac12 (\\eta_{\\max} - \\eta_{\\min}) (1 + \\cos(\\pi \\frac{s - W}{S - W})) & W \\le s \\le S \\\\
+            \\eta_{\\min} & s > S
+        \\end{cases}
+
+    with :math:`W` = ``warmup_steps`` and :math:`S` = ``total_steps``. Warmup (Goyal et al., 2017)
+    keeps Adam's first, noisy second-moment estimates from taking huge steps; the cosine shape
+    is SGDR's (Loshchilov & Hutter, 2017) without restarts, as GPT-2/3 and nanoGPT use it.
+    """
+    _check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
+    _check(total_steps >= warmup_steps, f"total_steps ({total_steps}) must be >= warmup_steps ({warmup_steps})")
+    _check(0.0 <= min_lr <= max_lr, f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    _check(step >= 0, f"step must be >= 0, got {step}")
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_schedule(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
+    """A ``LambdaLR`` scheduler applying :func:`warmup_cosine_lr` to every param group's initial lr.
+
+    Each group's learning rate at step ``s`` is ``initial_lr * warmup_cosine_lr(s, max_lr=1,
+    min_lr=min_lr_ratio, ...)``; call ``scheduler.step()`` after each ``optimizer.step()``.
+    """
+    _check(0.0 <= min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    warmup_cosine_lr(0, max_lr=1.0, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr_ratio)
+
+    def factor(step: int) -> float:
+        return warmup_cosine_lr(step, max_lr=1.0, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+    "adamw": AdamW,
+    "lamb": LAMB,
+}

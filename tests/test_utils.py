@@ -1,0 +1,79 @@
+"""Small utilities with real contracts: gradient checks, timing, smoothing, plots, atomic writes, layers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from minillm import benchmark, checkpoint, gradcheck, plots
+from minillm.layers import MLP
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 6))
+def test_numerical_gradient_matches_autograd_in_float64(seed, n):
+    """Central differences with h=1e-6 in float64: truncation ~h^2 |f'''| and rounding ~1e-16/h ~ 1e-10."""
+    x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+    def f(v):
+        return (torch.exp(torch.sin(v)) * v).sum()
+
+    numeric = gradcheck.numerical_gradient(f, x)
+    torch.testing.assert_close(numeric, gradcheck.autograd_gradient(f, x), rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_check_catches_a_wrong_derivative():
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    wrong = 2 * x  # derivative of x^3 is 3x^2, not 2x
+    assert gradcheck.max_relative_error(wrong, gradcheck.numerical_gradient(lambda v: (v**3).sum(), x)) > 0.5
+
+
+def test_time_callable_returns_the_median_after_warmup():
+    calls = []
+    assert benchmark.time_callable(lambda: calls.append(1), warmup=2, repeats=5) >= 0
+    assert len(calls) == 7
+
+
+@given(values=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=30), weight=st.floats(0.0, 0.99))
+def test_smoothing_is_the_bias_corrected_moving_average(values, weight):
+    smoothed = plots.smooth(values, weight)
+    for t in range(1, len(values) + 1):
+        numerator = sum((1 - weight) * weight ** (t - i) * values[i - 1] for i in range(1, t + 1))
+        assert smoothed[t - 1] == pytest.approx(numerator / (1 - weight**t), rel=1e-9, abs=1e-9)
+
+
+def test_plots_are_written_as_png_files(tmp_path):
+    paths = [
+        plots.plot_loss_curves({"a": [3, 2, 1], "b": ([0, 5, 10], [1.0, 0.5, 0.2])}, tmp_path / "loss.png", smoothing=0.5),
+        plots.plot_lr_schedule([0.1, 0.2, 0.1], tmp_path / "sub" / "lr.png"),
+        plots.plot_panels([{"curves": {"x": [1, 2]}, "scatter": {"pts": ([0, 1], [1, 0])}}], tmp_path / "panels.png"),
+        plots.plot_trajectories_2d(lambda x, y: x**2 + y**2, {"gd": [(1, 1), (0.5, 0.5)]}, tmp_path / "paths.png", (-2, 2), (-2, 2)),
+    ]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    checkpoint.write_json(target, {"step": 1})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        checkpoint.write_json(target, {"step": 2})
+    assert checkpoint.read_json(target) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left behind
+
+
+def test_mlp_has_the_requested_widths_and_no_final_activation():
+    model = MLP([3, 5, 2])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3, 5), (5, 2)]
+    assert isinstance(list(model.net)[-1], torch.nn.Linear)
+    assert model(torch.randn(4, 3)).shape == (4, 2)
+    with pytest.raises(ValueError):
+        MLP([3])
