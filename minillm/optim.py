@@ -4,7 +4,8 @@ Every optimizer here is a ``torch.optim.Optimizer`` subclass with the same argum
 defaults and per-parameter state names as its ``torch.optim`` namesake, so it drops into any
 training loop (and loads a ``torch.optim`` state dict). Only the implementation switches
 (``foreach``, ``fused``, ``capturable``, ``differentiable``) are left out: each ``step`` is a
-plain Python loop over parameters whose lines are the update equations in the docstrings.
+plain Python loop over parameters (:class:`HandwrittenOptimizer`), and each class's ``update``
+is the equations of its docstring, one line each.
 ``tests/test_optim.py`` checks every trajectory against ``torch.optim`` to 1e-7 relative.
 
 Notation: :math:`\\theta_t` parameters, :math:`g_t = \\nabla_\\theta L(\\theta_{t-1})` gradient,
@@ -43,7 +44,52 @@ def _gradient(param: torch.Tensor, maximize: bool, name: str) -> torch.Tensor:
     return -grad if maximize else grad
 
 
-class SGD(Optimizer):
+def _zeros(param: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+class HandwrittenOptimizer(Optimizer):
+    """The loop every optimizer here shares; subclasses write only :meth:`update`.
+
+    ``step`` re-evaluates the loss if given a closure, then calls ``update`` once per parameter
+    that has a gradient (frozen or unused parameters are left alone, as in torch.optim).
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    grad = _gradient(param, group["maximize"], type(self).__name__)
+                    self.update(param, grad, self.state[param], group)
+        return loss
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        """Change ``param`` in place, given its gradient, its state dict and its param group's settings."""
+        raise NotImplementedError
+
+
+def _adam_moments(state: dict, param: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float) -> float:
+    """Advance Adam's moment estimates in ``state``; return the new step count t.
+
+    :math:`m_t = \\beta_1 m_{t-1} + (1 - \\beta_1) g_t` and :math:`v_t = \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2`,
+    starting from zeros (hence the bias corrections :math:`1 - \\beta^t` Adam and LAMB apply).
+    """
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0)  # a tensor, as torch.optim keeps it, so state dicts interchange
+        state["exp_avg"] = _zeros(param)
+        state["exp_avg_sq"] = _zeros(param)
+    state["step"] += 1
+    state["exp_avg"].lerp_(grad, 1 - beta1)                                    # m_t = b1 m + (1-b1) g
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)     # v_t = b2 v + (1-b2) g^2
+    return state["step"].item()
+
+
+class SGD(HandwrittenOptimizer):
     """Stochastic gradient descent with momentum (Polyak 1964; Sutskever et al. 2013 for Nesterov).
 
     .. math::
@@ -65,34 +111,21 @@ class SGD(Optimizer):
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = _gradient(param, group["maximize"], "SGD")
-                if group["weight_decay"] != 0:
-                    grad = grad.add(param, alpha=group["weight_decay"])              # g += wd theta
-                if momentum != 0:
-                    state = self.state[param]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = grad.clone().detach()                                  # b_1 = g_1
-                    else:
-                        buf.mul_(momentum).add_(grad, alpha=1 - dampening)           # b_t = mu b + (1-tau) g
-                    state["momentum_buffer"] = buf
-                    grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf  # d = g + mu b, or b
-                param.add_(grad, alpha=-lr)                                          # theta -= lr d
-        return loss
+    def update(self, param, grad, state, group):
+        momentum = group["momentum"]
+        if group["weight_decay"] != 0:
+            grad = grad.add(param, alpha=group["weight_decay"])                  # g += wd theta
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.clone().detach()           # b_1 = g_1
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])      # b_t = mu b + (1-tau) g
+            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf   # d = g + mu b, or b
+        param.add_(grad, alpha=-group["lr"])                                     # theta -= lr d
 
 
-class RMSprop(Optimizer):
+class RMSprop(HandwrittenOptimizer):
     """RMSprop (Hinton, Coursera lecture 6e, 2012), optionally centered (Graves 2013).
 
     .. math::
@@ -116,47 +149,35 @@ class RMSprop(Optimizer):
                         centered=centered, maximize=maximize)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, alpha, eps, momentum = group["lr"], group["alpha"], group["eps"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = _gradient(param, group["maximize"], "RMSprop")
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    if momentum > 0:
-                        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    if group["centered"]:
-                        state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["step"] += 1
-                if group["weight_decay"] != 0:
-                    grad = grad.add(param, alpha=group["weight_decay"])              # g += wd theta
-                square_avg = state["square_avg"]
-                square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)          # v = a v + (1-a) g^2
-                if group["centered"]:
-                    grad_avg = state["grad_avg"]
-                    grad_avg.lerp_(grad, 1 - alpha)                                    # gbar = a gbar + (1-a) g
-                    denom = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_().add_(eps)  # sqrt(v - gbar^2) + eps
-                else:
-                    denom = square_avg.sqrt().add_(eps)                                # sqrt(v) + eps
-                if momentum > 0:
-                    buf = state["momentum_buffer"]
-                    buf.mul_(momentum).addcdiv_(grad, denom)                          # b = mu b + g / denom
-                    param.add_(buf, alpha=-lr)
-                else:
-                    param.addcdiv_(grad, denom, value=-lr)
-        return loss
+    def update(self, param, grad, state, group):
+        alpha, eps, momentum = group["alpha"], group["eps"], group["momentum"]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["square_avg"] = _zeros(param)
+            if momentum > 0:
+                state["momentum_buffer"] = _zeros(param)
+            if group["centered"]:
+                state["grad_avg"] = _zeros(param)
+        state["step"] += 1
+        if group["weight_decay"] != 0:
+            grad = grad.add(param, alpha=group["weight_decay"])                  # g += wd theta
+        square_avg = state["square_avg"]
+        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)             # v = a v + (1-a) g^2
+        if group["centered"]:
+            grad_avg = state["grad_avg"]
+            grad_avg.lerp_(grad, 1 - alpha)                                       # gbar = a gbar + (1-a) g
+            denom = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_().add_(eps)  # sqrt(v - gbar^2) + eps
+        else:
+            denom = square_avg.sqrt().add_(eps)                                   # sqrt(v) + eps
+        if momentum > 0:
+            buf = state["momentum_buffer"]
+            buf.mul_(momentum).addcdiv_(grad, denom)                             # b = mu b + g / denom
+            param.add_(buf, alpha=-group["lr"])                                  # theta -= lr b
+        else:
+            param.addcdiv_(grad, denom, value=-group["lr"])                      # theta -= lr g / denom
 
 
-class Adam(Optimizer):
+class Adam(HandwrittenOptimizer):
     """Adam (Kingma & Ba, 2015), with AMSGrad (Reddi et al., 2018) as an option.
 
     .. math::
@@ -182,47 +203,28 @@ class Adam(Optimizer):
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = _gradient(param, group["maximize"], type(self).__name__)
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"].item()
-                if weight_decay != 0:
-                    if group["decoupled_weight_decay"]:
-                        param.mul_(1 - lr * weight_decay)                              # theta *= 1 - lr wd
-                    else:
-                        grad = grad.add(param, alpha=weight_decay)                     # g += wd theta
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)                                         # m_t = b1 m + (1-b1) g
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)           # v_t = b2 v + (1-b2) g^2
-                if group["amsgrad"]:
-                    torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-                    exp_avg_sq = state["max_exp_avg_sq"]
-                bias_correction1 = 1 - beta1**t
-                bias_correction2 = 1 - beta2**t
-                # theta -= lr m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1 and sqrt(v_hat) = sqrt(v) / sqrt(bc2).
-                # The division by bc1 is folded into the scalar step size: one tensor operation fewer,
-                # and exactly torch.optim's rounding, so trajectories agree to the last bits.
-                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)         # sqrt(v_hat) + eps
-                param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)           # theta -= (lr / bc1) m / denom
-        return loss
+    def update(self, param, grad, state, group):
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        if weight_decay != 0:
+            if group["decoupled_weight_decay"]:
+                param.mul_(1 - lr * weight_decay)                                # theta *= 1 - lr wd
+            else:
+                grad = grad.add(param, alpha=weight_decay)                       # g += wd theta
+        t = _adam_moments(state, param, grad, beta1, beta2)                      # m_t, v_t
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if group["amsgrad"]:
+            if "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = _zeros(param)
+            torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+            exp_avg_sq = state["max_exp_avg_sq"]                                 # max(v_1..v_t)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        # theta -= lr m_hat / (sqrt(v_hat) + eps) with m_hat = m / bc1 and sqrt(v_hat) = sqrt(v) / sqrt(bc2).
+        # The division by bc1 is folded into the scalar step size: one tensor operation fewer,
+        # and exactly torch.optim's rounding, so trajectories agree to the last bit.
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])  # sqrt(v_hat) + eps
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)             # theta -= (lr / bc1) m / denom
 
 
 class AdamW(Adam):
@@ -243,7 +245,7 @@ class AdamW(Adam):
                          maximize=maximize, decoupled_weight_decay=True)
 
 
-class LAMB(Optimizer):
+class LAMB(HandwrittenOptimizer):
     """LAMB: layer-wise adaptive moments for large-batch training (You et al., 2019, Algorithm 2).
 
     Adam's direction plus decoupled weight decay, rescaled per parameter tensor ("layer") by a
@@ -275,47 +277,24 @@ class LAMB(Optimizer):
                         layer_adaptation=layer_adaptation, max_trust_ratio=max_trust_ratio, maximize=maximize)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = _gradient(param, group["maximize"], "LAMB")
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)                                         # m_t = b1 m + (1-b1) g
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)           # v_t = b2 v + (1-b2) g^2
-                bias_correction1 = 1 - beta1**t if group["bias_correction"] else 1.0
-                bias_correction2 = 1 - beta2**t if group["bias_correction"] else 1.0
-                denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)             # sqrt(v_hat) + eps
-                update = (exp_avg / bias_correction1).div_(denom)                      # m_hat / (sqrt(v_hat) + eps)
-                if weight_decay != 0:
-                    update.add_(param, alpha=weight_decay)                             # u_t = ... + wd theta
-                trust_ratio = torch.ones((), dtype=param.dtype, device=param.device)
-                if group["layer_adaptation"]:
-                    weight_norm = torch.linalg.vector_norm(param)                      # ||theta||
-                    update_norm = torch.linalg.vector_norm(update)                     # ||u||
-                    trust_ratio = torch.where(
-                        (weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, trust_ratio
-                    )
-                    if group["max_trust_ratio"] is not None:
-                        trust_ratio = trust_ratio.clamp(max=group["max_trust_ratio"])
-                state["trust_ratio"] = trust_ratio
-                param.add_(update.mul_(trust_ratio), alpha=-lr)                        # theta -= lr r u
-        return loss
+    def update(self, param, grad, state, group):
+        beta1, beta2 = group["betas"]
+        t = _adam_moments(state, param, grad, beta1, beta2)                      # m_t, v_t
+        bias_correction1 = 1 - beta1**t if group["bias_correction"] else 1.0
+        bias_correction2 = 1 - beta2**t if group["bias_correction"] else 1.0
+        denom = (state["exp_avg_sq"] / bias_correction2).sqrt_().add_(group["eps"])  # sqrt(v_hat) + eps
+        update = (state["exp_avg"] / bias_correction1).div_(denom)               # m_hat / (sqrt(v_hat) + eps)
+        if group["weight_decay"] != 0:
+            update.add_(param, alpha=group["weight_decay"])                      # u_t = ... + wd theta
+        trust_ratio = torch.ones((), dtype=param.dtype, device=param.device)
+        if group["layer_adaptation"]:
+            weight_norm = torch.linalg.vector_norm(param)                        # ||theta||
+            update_norm = torch.linalg.vector_norm(update)                       # ||u||
+            trust_ratio = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, trust_ratio)
+            if group["max_trust_ratio"] is not None:
+                trust_ratio = trust_ratio.clamp(max=group["max_trust_ratio"])
+        state["trust_ratio"] = trust_ratio
+        param.add_(update.mul_(trust_ratio), alpha=-group["lr"])                 # theta -= lr r u
 
 
 # --------------------------------------------------------------------------------------------
