@@ -18,7 +18,7 @@ from tqdm import tqdm
 from minillm import benchmark, gradcheck, plots
 from minillm.checkpoint import write_json
 from minillm.config import QuickConfig, parse_config
-from minillm.device import describe_device, maybe_compile, pick_device, seed_everything
+from minillm.device import describe_device, is_compiled, maybe_compile, pick_device, seed_everything
 from minillm.layers import MLP
 
 
@@ -101,10 +101,8 @@ def main(config: Config) -> dict:
     with torch.no_grad():
         eager_s = benchmark.time_callable(lambda: bench_model(batch), device)
         compiled_s = None
-        if config.compile:
-            compiled = maybe_compile(bench_model, device=device)
-            if compiled._compiled_call_impl is not None:
-                compiled_s = benchmark.time_callable(lambda: compiled(batch), device)
+        if config.compile and is_compiled(maybe_compile(bench_model, device=device)):
+            compiled_s = benchmark.time_callable(lambda: bench_model(batch), device)
     print(f"\n5. Forward of a {config.bench_width}-wide, 3-layer MLP on a batch of {config.bench_batch}: "
           f"eager {eager_s * 1e3:.2f} ms" + (f", compiled {compiled_s * 1e3:.2f} ms" if compiled_s else ", compiled: skipped"))
 

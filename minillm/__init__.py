@@ -1,11 +1,11 @@
 """minillm: large language models built from scratch in pure PyTorch, chapter by chapter.
 
-One module per idea (see the module map in the README):
+One module per idea; the README's module map lists them all. The first ones:
 
 - ``minillm.device``: device pick, seeding, autocast policy, ``maybe_compile``
 - ``minillm.linreg``: linear regression with hand-derived gradients
 - ``minillm.optim``: SGD, RMSprop, Adam, AdamW, LAMB and LR schedules, written by hand
-- ``minillm.data``: the shipped data sets and how to read them
+- ``minillm.data`` and ``minillm.tokenization``: the shipped data sets, read and encoded
 - ``minillm.plots``: the figures chapters save
 - ``minillm.config``: dataclass configurations turned into command-line interfaces
 """

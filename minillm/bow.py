@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -98,7 +98,6 @@ def train(
     eval_every: int = 50,
     seed: int = 0,
     description: str = "train",
-    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainHistory:
     """Minibatch training: shuffle, forward, cross-entropy, backward, step; evaluate on dev every ``eval_every`` steps.
 
@@ -124,8 +123,6 @@ def train(
         history.train_loss.append(loss.item())
         if not math.isfinite(history.train_loss[-1]):
             break
-        if on_step is not None:
-            on_step(step, history.train_loss[-1])
         if (step + 1) % eval_every == 0 or step == steps - 1:
             dev_loss, dev_accuracy = evaluate(model, dev_bags)
             history.eval_steps.append(step + 1)

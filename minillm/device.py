@@ -149,6 +149,11 @@ def compile_unsupported_reason(device: torch.device | str) -> str | None:
     return None
 
 
+def is_compiled(model: torch.nn.Module) -> bool:
+    """True when ``model.compile()`` has been called on this module (its forward now runs compiled)."""
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
 def maybe_compile(
     model: torch.nn.Module | Callable,
     device: torch.device | str | None = None,

@@ -63,7 +63,6 @@ def plot_curves(
     ylabel: str = "loss",
     logy: bool = False,
     smoothing: float = 0.0,
-    ax_title: str | None = None,
 ) -> pathlib.Path:
     """Line plot of several named curves; each is a list of y values or an ``(xs, ys)`` pair.
 
@@ -74,7 +73,7 @@ def plot_curves(
     _draw_curves(ax, curves, smoothing)
     if logy:
         ax.set_yscale("log")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=ax_title or title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend()

@@ -95,7 +95,7 @@ def test_maybe_compile_compiles_in_place_and_matches_eager():
     messages = []
     compiled = dev.maybe_compile(model, log=messages.append)
     assert compiled is model and messages == []
-    assert model._compiled_call_impl is not None
+    assert dev.is_compiled(model)
     torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)  # fused kernels reorder float32 sums
     assert list(compiled.state_dict()) == keys
 
@@ -104,7 +104,7 @@ def test_maybe_compile_falls_back_to_eager_on_mps_with_one_message():
     model = tiny_model()
     messages = []
     assert dev.maybe_compile(model, device="mps", log=messages.append) is model
-    assert model._compiled_call_impl is None
+    assert not dev.is_compiled(model)
     assert len(messages) == 1 and "MPS" in messages[0]
 
 
@@ -114,7 +114,7 @@ def test_maybe_compile_falls_back_to_eager_without_a_c_compiler(monkeypatch):
     model = tiny_model()
     messages = []
     assert dev.maybe_compile(model, device="cpu", log=messages.append) is model
-    assert model._compiled_call_impl is None
+    assert not dev.is_compiled(model)
     assert len(messages) == 1 and "compiler" in messages[0]
 
 
@@ -122,7 +122,7 @@ def test_maybe_compile_can_be_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv(dev.COMPILE_ENV, "0")
     model = tiny_model()
     messages = []
-    assert dev.maybe_compile(model, log=messages.append) is model and model._compiled_call_impl is None
+    assert dev.maybe_compile(model, log=messages.append) is model and not dev.is_compiled(model)
     assert messages and dev.COMPILE_ENV in messages[0]
 
 
