@@ -151,6 +151,10 @@ class CharTokenizer:
             out.append(chars[i])
         return "".join(out)
 
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """Each token on its own, for display."""
+        return list(self.decode(ids))
+
     def save(self, path: str | os.PathLike) -> pathlib.Path:
         return write_json(path, {"type": "CharTokenizer", "unknown": self.unknown, "chars": self.chars})
 
