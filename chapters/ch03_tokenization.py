@@ -5,7 +5,7 @@ line-deduplicated blindly), builds a character vocabulary, trains a byte-level B
 scratch and the `tokenizers` library's BPE and WordPiece, compares them on held-out text, then
 pads, masks and pairs sentences for BERT and writes language-model blocks for GPT to a memmap.
 
-    python chapters/ch03_tokenization.py            # the full chapter (about 30 s on a CPU)
+    python chapters/ch03_tokenization.py            # the full chapter (under a minute on a 2-core CPU)
     python chapters/ch03_tokenization.py --quick    # seconds; what the tests run
 """
 

@@ -348,13 +348,15 @@ def write_token_ids(path: str | os.PathLike, ids: np.ndarray | Sequence[int] | I
                     vocab_size: int) -> pathlib.Path:
     """Write token ids as a flat binary file (nanoGPT's ``train.bin``) plus ``<path>.json`` (dtype, count).
 
-    ``ids`` is one array or list of ids, or an iterable of chunks (say, one per document), so a
+    ``ids`` is one array, tensor or list of ids, or an iterable of chunks (say, one per document), so a
     corpus larger than memory can be streamed to disk. Each id is checked to lie in
     ``0 .. vocab_size-1`` (a uint16 file would silently wrap a larger one). The file appears
     only when complete (written to a temporary name, then renamed).
     """
     path = pathlib.Path(path)
     dtype = token_dtype(vocab_size)
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
     if isinstance(ids, np.ndarray) or (isinstance(ids, Sequence) and (not ids or isinstance(ids[0], (int, np.integer)))):
         ids = [ids]
     path.parent.mkdir(parents=True, exist_ok=True)

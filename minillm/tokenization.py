@@ -162,7 +162,10 @@ class CharTokenizer:
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
         obj = _read_json_file(path)
         _check_type(path, obj, "CharTokenizer")
-        return cls(obj["chars"], unknown=obj["unknown"])
+        try:
+            return cls(obj["chars"], unknown=obj["unknown"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise MinillmError(f"{path} is a damaged CharTokenizer file ({error!r})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,12 +246,16 @@ def _split_special(text: str, special_pattern: re.Pattern | None) -> list[str]:
     return special_pattern.split(text) if special_pattern is not None else [text]
 
 
+def _texts_iterator(texts: str | Iterable[str]) -> Iterable[str]:
+    return [texts] if isinstance(texts, str) else texts
+
+
 def count_chunks(texts: str | Iterable[str], special_tokens: Sequence[str] = ()) -> Counter[str]:
     """How often each pre-tokenized chunk occurs in ``texts``; special tokens are cut out first."""
     pattern = gpt2_split_pattern()
     special_pattern = _special_pattern(special_tokens)
     counts: Counter[str] = Counter()
-    for text in [texts] if isinstance(texts, str) else texts:
+    for text in _texts_iterator(texts):
         for piece in _split_special(text, special_pattern)[::2]:
             counts.update(pattern.findall(piece))
     return counts
@@ -440,9 +447,14 @@ class BPETokenizer:
         """Rebuild from the merges; the stored vocabulary must agree with them (a check on the file)."""
         obj = _read_json_file(path)
         _check_type(path, obj, "BPETokenizer")
-        specials = sorted(obj["special_tokens"], key=obj["special_tokens"].get)
-        tokenizer = cls([tuple(pair) for pair in obj["merges"]], specials)
-        if obj["vocab"] != _gpt2_vocab(tokenizer) or obj["special_tokens"] != tokenizer.special_tokens:
+        if obj.get("pretokenizer") != "gpt2":
+            raise MinillmError(f"{path} uses pre-tokenizer {obj.get('pretokenizer')!r}; this version knows only 'gpt2'")
+        try:
+            specials = sorted(obj["special_tokens"], key=obj["special_tokens"].get)
+            tokenizer = cls([tuple(pair) for pair in obj["merges"]], specials)
+        except (KeyError, TypeError, ValueError) as error:
+            raise MinillmError(f"{path} is a damaged BPETokenizer file ({error!r})") from None
+        if obj.get("vocab") != _gpt2_vocab(tokenizer) or obj["special_tokens"] != tokenizer.special_tokens:
             raise MinillmError(f"{path} is inconsistent: its vocabulary does not follow from its merges")
         return tokenizer
 
@@ -468,10 +480,6 @@ class SpecialTokenIds(NamedTuple):
     cls: int
     sep: int
     mask: int
-
-
-def _texts_iterator(texts: str | Iterable[str]) -> Iterable[str]:
-    return [texts] if isinstance(texts, str) else texts
 
 
 def train_library_bpe(texts: str | Iterable[str], vocab_size: int, min_frequency: int = 2,

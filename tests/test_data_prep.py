@@ -239,6 +239,8 @@ def test_token_file_round_trips_with_the_smallest_dtype(tmp_path, token_file):
     assert path.stat().st_size == 2 * len(ids)
     big = data.write_token_ids(tmp_path / "big.bin", [[0, 70_000], np.array([65_536])], vocab_size=100_000)
     assert data.open_token_ids(big).dtype == np.uint32 and data.open_token_ids(big).tolist() == [0, 70_000, 65_536]
+    from_tensor = data.write_token_ids(tmp_path / "t.bin", torch.tensor([3, 1, 2]), vocab_size=4)
+    assert data.open_token_ids(from_tensor).tolist() == [3, 1, 2]
     assert data.token_dtype(65_536) == np.uint16 and data.token_dtype(65_537) == np.uint32
 
 

@@ -287,6 +287,10 @@ def test_bpe_load_refuses_an_inconsistent_file(bpe, tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(MinillmError, match="inconsistent"):
         BPETokenizer.load(path)
+    saved["merges"][0] = [0, 999]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(MinillmError, match="damaged BPETokenizer file"):
+        BPETokenizer.load(path)
 
 
 def test_bpe_rejects_bad_arguments(bpe):
