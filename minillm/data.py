@@ -1,16 +1,35 @@
-"""The shipped data sets and how to read them.
+"""Data: the shipped corpora, cleaning, batches of sequences, and language-model blocks.
 
-``data/`` (next to this package) holds Tiny Shakespeare and GLUE SST-2; see data/README.md for
-sources, licences and checksums. ``MINILLM_DATA_DIR`` points elsewhere if you moved them.
-Reading errors are :class:`minillm.MinillmError` with one sentence naming the file.
+- Reading: ``data/`` (next to this package) holds Tiny Shakespeare and GLUE SST-2; see
+  data/README.md for sources, licences and checksums. ``MINILLM_DATA_DIR`` points elsewhere if
+  you moved them. Reading errors are :class:`minillm.MinillmError` with one sentence naming the file.
+- Cleaning (:func:`clean_text`): control characters, whitespace, Unicode normalization, exact
+  and near-exact line de-duplication, with a report of what each step changed.
+- Batches of sequences (:func:`pad_batch`, :func:`encode_pair`, :func:`encode_pair_batch`):
+  truncation, padding, attention masks, BERT's ``[CLS] A [SEP] B [SEP]`` with token types.
+- Language-model blocks (:func:`write_token_ids`, :func:`open_token_ids`,
+  :func:`split_train_val`, :func:`sample_lm_batch`, :func:`iter_lm_blocks`): token ids in a
+  binary file opened as a numpy memmap, random (x, y) batches from a seedable generator, and
+  every block in order for evaluation.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import pathlib
+import re
+import tempfile
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
 
 from minillm import MinillmError
+from minillm.checkpoint import read_json, write_json
 
 DATA_ENV = "MINILLM_DATA_DIR"
 
@@ -68,3 +87,371 @@ def read_sst2(split: str = "train", path: str | os.PathLike | None = None) -> tu
         sentences.append(sentence.strip())
         labels.append(int(label))
     return sentences, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning: line endings and control characters, whitespace, Unicode normalization, dedup
+# ---------------------------------------------------------------------------------------------
+
+LINE_BREAKS = re.compile("\r\n|\r|\u2028|\u2029")
+"""Windows (CR LF) and old Mac (CR) line endings and Unicode's line/paragraph separators: each becomes LF."""
+
+ZERO_WIDTH = "\u200b\u2060\ufeff"
+"""Zero-width space, word joiner, byte-order mark. (Zero-width joiner and non-joiner, U+200D and
+U+200C, are kept: they change how emoji sequences and Persian or Indic words render.)"""
+
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f" + ZERO_WIDTH + "]")
+"""C0 controls except tab and newline, DEL, C1 controls (U+0080-U+009F), zero-width characters: deleted."""
+
+UNICODE_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+"""Every space separator (Unicode category Zs) other than the ASCII space: each becomes a space."""
+
+TRAILING_WHITESPACE = re.compile("[ \t]+$", flags=re.MULTILINE)
+
+NORMALIZATION_FORMS = ("NFC", "NFKC")
+
+
+def remove_control_characters(text: str) -> str:
+    """CR LF, CR, U+2028 and U+2029 -> LF; delete the other control and zero-width characters
+    (:data:`CONTROL_CHARACTERS`). Tabs and newlines stay: in a TSV file or a poem they mean something."""
+    return CONTROL_CHARACTERS.sub("", LINE_BREAKS.sub("\n", text))
+
+
+def clean_whitespace(text: str) -> str:
+    """Unicode spaces (no-break, thin, ideographic, ...) -> ASCII space; strip spaces and tabs at line ends.
+    Runs of spaces inside a line and indentation stay as they are."""
+    return TRAILING_WHITESPACE.sub("", UNICODE_SPACES.sub(" ", text))
+
+
+def normalize_unicode(text: str, form: str = "NFC") -> str:
+    """Unicode normalization (UAX #15). NFC composes canonically equivalent sequences ("e" +
+    U+0301 -> "é"), so the same visible text has one spelling; NFKC also folds compatibility
+    characters ("ﬁ" -> "fi", "²" -> "2", full-width letters -> ASCII), which loses distinctions."""
+    if form not in NORMALIZATION_FORMS:
+        raise ValueError(f"normalization form must be one of {', '.join(NORMALIZATION_FORMS)}, got {form!r}")
+    return text if unicodedata.is_normalized(form, text) else unicodedata.normalize(form, text)
+
+
+def canonical_line(line: str) -> str:
+    """The key near-duplicate lines share: casefolded, punctuation (Unicode categories P*)
+    dropped, whitespace runs collapsed to one space, stripped. ``"Hello,  World!"`` -> ``"hello world"``."""
+    folded = "".join(char for char in line.casefold() if not unicodedata.category(char).startswith("P"))
+    return " ".join(folded.split())
+
+
+def dedup_lines(lines: Iterable[str], mode: str = "exact", min_chars: int = 0) -> list[str]:
+    """Drop repeated lines, keeping each first occurrence, in order.
+
+    ``mode="exact"`` compares lines as they are; ``mode="near"`` compares their
+    :func:`canonical_line` (so "To be, or not to be." repeats "to be or not to be").
+    Lines whose key is shorter than ``min_chars`` characters are always kept: blank lines,
+    speaker names and "Amen." are structure or legitimately repeated, not duplicated documents.
+    """
+    if mode not in ("exact", "near"):
+        raise ValueError(f"dedup mode must be 'exact' or 'near', got {mode!r}")
+    seen: set[str] = set()
+    kept = []
+    for line in lines:
+        key = canonical_line(line) if mode == "near" else line
+        if len(key) >= min_chars:
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(line)
+    return kept
+
+
+@dataclass
+class CleaningStep:
+    """What one cleaning step did: characters of its input removed or replaced, lines removed,
+    and the most frequent things it changed (the original text, quoted, -> count)."""
+
+    name: str
+    chars_changed: int
+    lines_removed: int
+    examples: list[tuple[str, int]]
+
+
+@dataclass
+class CleaningReport:
+    text: str
+    steps: list[CleaningStep]
+    chars_before: int
+    lines_before: int
+
+    def format(self) -> str:
+        """A small table: one row per step, with the most frequent changes."""
+        rows = [f"  {'step':<32} {'chars changed':>13} {'lines removed':>13}  most frequent changes"]
+        for step in self.steps:
+            examples = ", ".join(f"{what} x{count:,}" for what, count in step.examples) or "-"
+            rows.append(f"  {step.name:<32} {step.chars_changed:>13,} {step.lines_removed:>13,}  {examples}")
+        rows.append(f"  {self.chars_before:,} -> {len(self.text):,} characters, "
+                    f"{self.lines_before:,} -> {_count_lines(self.text):,} lines")
+        return "\n".join(rows)
+
+
+def _count_lines(text: str) -> int:
+    return len(_split_lines(text)[0])
+
+
+def _split_lines(text: str) -> tuple[list[str], bool]:
+    """Lines split on LF, and whether the text ended with a final newline (not a line of its own)."""
+    ends_with_newline = text.endswith("\n")
+    body = text[:-1] if ends_with_newline else text
+    return (body.split("\n") if body else []), ends_with_newline
+
+
+def _normalization_changes(before: str, after: str) -> Counter[str]:
+    """What normalization replaced, line by line (it never crosses a newline)."""
+    changes: Counter[str] = Counter()
+    if before == after:
+        return changes
+    for old, new in zip(before.split("\n"), after.split("\n")):
+        if old != new:
+            matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+            changes.update(old[i1:i2] for tag, i1, i2, _, _ in matcher.get_opcodes() if tag != "equal")
+    return changes
+
+
+def clean_text(text: str, normalization: str = "NFC", dedup: str | None = "exact", dedup_min_chars: int = 0,
+               n_examples: int = 3) -> CleaningReport:
+    """Run the cleaning steps in order and report what each changed.
+
+    1. line endings and 2. control characters (:func:`remove_control_characters`), 3. Unicode
+    spaces and 4. trailing whitespace (:func:`clean_whitespace`), 5. Unicode normalization
+    (:func:`normalize_unicode`), 6. line de-duplication (:func:`dedup_lines`, ``dedup`` =
+    ``"exact"``, ``"near"`` or ``None``). Each step's ``examples`` show what it changed: the
+    original characters (as ``ascii()``, so invisible ones show) or the removed lines.
+    Normalization comes after the deletions because deleting a zero-width character can bring a
+    letter next to its combining accent, which NFC then composes; in this order the pipeline
+    is idempotent: cleaning clean text changes nothing.
+    """
+    if dedup not in ("exact", "near", None):
+        raise ValueError(f"dedup must be 'exact', 'near' or None, got {dedup!r}")
+    chars_before, lines_before = len(text), _count_lines(text)
+    steps = []
+    for name, pattern, replacement in (("line endings", LINE_BREAKS, "\n"), ("control characters", CONTROL_CHARACTERS, ""),
+                                       ("Unicode spaces", UNICODE_SPACES, " "), ("trailing whitespace", TRAILING_WHITESPACE, "")):
+        changes = Counter(pattern.findall(text))
+        text = pattern.sub(replacement, text)
+        chars = sum(changes.values()) if pattern is LINE_BREAKS else None  # CR LF -> LF changes one character
+        steps.append(_step(name, changes, 0, n_examples, chars=chars))
+
+    normalized = normalize_unicode(text, normalization)
+    steps.append(_step(f"Unicode {normalization}", _normalization_changes(text, normalized), 0, n_examples))
+    text = normalized
+
+    if dedup is not None:
+        lines, ends_with_newline = _split_lines(text)
+        kept = dedup_lines(lines, mode=dedup, min_chars=dedup_min_chars)
+        removed = Counter(lines) - Counter(kept)
+        text = "\n".join(kept) + ("\n" if ends_with_newline else "")
+        label = f"{dedup} line dedup" + (f" (>= {dedup_min_chars} chars)" if dedup_min_chars else "")
+        steps.append(_step(label, removed, len(lines) - len(kept), n_examples, show=repr,
+                           chars=sum((len(line) + 1) * count for line, count in removed.items())))
+    return CleaningReport(text, steps, chars_before, lines_before)
+
+
+def _step(name: str, changes: Counter[str], lines_removed: int, n_examples: int, chars: int | None = None,
+          show=ascii) -> CleaningStep:
+    chars = sum(len(what) * count for what, count in changes.items()) if chars is None else chars
+    return CleaningStep(name, chars, lines_removed, [(show(what), count) for what, count in changes.most_common(n_examples)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches of sequences: truncation, padding, attention masks, BERT's sentence pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def truncate_pair(ids_a: Sequence[int], ids_b: Sequence[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    """Trim the longer of two sequences by one token from its end until they fit in ``max_tokens``
+    together; on a tie ``ids_b`` loses the token (BERT's ``_truncate_seq_pair``, Devlin et al., 2019)."""
+    a, b = list(ids_a), list(ids_b)
+    while len(a) + len(b) > max_tokens:
+        (a if len(a) > len(b) else b).pop()
+    return a, b
+
+
+def encode_pair(ids_a: Sequence[int], ids_b: Sequence[int] | None = None, *, cls_id: int, sep_id: int,
+                max_length: int) -> tuple[list[int], list[int]]:
+    """BERT's input: ``[CLS] A [SEP] B [SEP]`` (or ``[CLS] A [SEP]``) and its token-type ids.
+
+    Token types are 0 for ``[CLS]``, A and the first ``[SEP]``; 1 for B and the last ``[SEP]``.
+    At most ``max_length`` ids: a single sequence is cut at its end, a pair by :func:`truncate_pair`.
+    """
+    n_special = 2 if ids_b is None else 3
+    if max_length < n_special:
+        raise ValueError(f"max_length must be at least {n_special} to hold [CLS] and [SEP], got {max_length}")
+    if ids_b is None:
+        a = list(ids_a[: max_length - 2])
+        return [cls_id, *a, sep_id], [0] * (len(a) + 2)
+    a, b = truncate_pair(ids_a, ids_b, max_length - 3)
+    return [cls_id, *a, sep_id, *b, sep_id], [0] * (len(a) + 2) + [1] * (len(b) + 1)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0, max_length: int | None = None,
+              pad_to_max_length: bool = False, side: str = "right",
+              token_type_ids: Sequence[Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Truncate to ``max_length`` (keeping the first tokens), pad, and build attention masks.
+
+    Returns int64 tensors of shape (B, L): ``input_ids``, ``attention_mask`` (1 = real token,
+    0 = padding) and, when given, ``token_type_ids`` (padded with 0). L is the longest
+    sequence after truncation, or ``max_length`` with ``pad_to_max_length=True`` (fixed shapes).
+    ``side="left"`` puts the padding first, which generation with a decoder wants.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if not sequences:
+        raise ValueError("pad_batch needs at least one sequence")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    if pad_to_max_length and max_length is None:
+        raise ValueError("pad_to_max_length=True needs a max_length")
+    if token_type_ids is not None and [len(t) for t in token_type_ids] != [len(s) for s in sequences]:
+        raise ValueError("token_type_ids must have one list of the same length per sequence")
+    lengths = [len(s) if max_length is None else min(len(s), max_length) for s in sequences]
+    length = max_length if pad_to_max_length else max(lengths)
+
+    def pad(row: Sequence[int], n: int, fill: int) -> list[int]:
+        row, padding = list(row[:n]), [fill] * (length - n)
+        return row + padding if side == "right" else padding + row
+
+    batch = {"input_ids": torch.tensor([pad(s, n, pad_id) for s, n in zip(sequences, lengths)], dtype=torch.long)}  # (B, L)
+    if token_type_ids is not None:
+        batch["token_type_ids"] = torch.tensor([pad(t, n, 0) for t, n in zip(token_type_ids, lengths)], dtype=torch.long)
+    batch["attention_mask"] = torch.tensor([pad([1] * n, n, 0) for n in lengths], dtype=torch.long)  # (B, L)
+    return batch
+
+
+def encode_pair_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int] | None]], *, cls_id: int, sep_id: int,
+                      pad_id: int, max_length: int, pad_to_max_length: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`encode_pair` for each ``(ids_a, ids_b or None)``, then :func:`pad_batch`: a BERT batch of
+    ``input_ids``, ``token_type_ids`` and ``attention_mask``, int64 (B, L)."""
+    encoded = [encode_pair(a, b, cls_id=cls_id, sep_id=sep_id, max_length=max_length) for a, b in pairs]
+    return pad_batch([ids for ids, _ in encoded], pad_id=pad_id, max_length=max_length, pad_to_max_length=pad_to_max_length,
+                     token_type_ids=[types for _, types in encoded])
+
+
+# ---------------------------------------------------------------------------------------------
+# Language-model blocks over a token-id file (numpy memmap)
+# ---------------------------------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (ids 0 .. vocab_size-1, vocab_size <= 65,536), else uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_token_ids(path: str | os.PathLike, ids: np.ndarray | Sequence[int] | Iterable[np.ndarray | Sequence[int]],
+                    vocab_size: int) -> pathlib.Path:
+    """Write token ids as a flat binary file (nanoGPT's ``train.bin``) plus ``<path>.json`` (dtype, count).
+
+    ``ids`` is one array, tensor or list of ids, or an iterable of chunks (say, one per document), so a
+    corpus larger than memory can be streamed to disk. Each id is checked to lie in
+    ``0 .. vocab_size-1`` (a uint16 file would silently wrap a larger one). The file appears
+    only when complete (written to a temporary name, then renamed).
+    """
+    path = pathlib.Path(path)
+    dtype = token_dtype(vocab_size)
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
+    if isinstance(ids, np.ndarray) or (isinstance(ids, Sequence) and (not ids or isinstance(ids[0], (int, np.integer)))):
+        ids = [ids]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    n_tokens = 0
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in ids:
+                chunk = np.asarray(chunk, dtype=np.int64)
+                if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
+                    bad = chunk[(chunk < 0) | (chunk >= vocab_size)][0]
+                    raise ValueError(f"token id {bad} is outside the vocabulary (0 .. {vocab_size - 1})")
+                handle.write(chunk.astype(dtype).tobytes())
+                n_tokens += chunk.size
+        if n_tokens == 0:
+            raise MinillmError(f"no token ids to write to {path}: the encoded corpus is empty")
+        os.replace(tmp_name, path)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    write_json(_meta_path(path), {"dtype": dtype.name, "n_tokens": n_tokens, "vocab_size": vocab_size})
+    return path
+
+
+def _meta_path(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".json")
+
+
+def open_token_ids(path: str | os.PathLike) -> np.memmap:
+    """Open a file written by :func:`write_token_ids` as a read-only numpy memmap: nothing is read
+    into memory until it is indexed, so the corpus may be larger than RAM."""
+    path = pathlib.Path(path)
+    meta_path = _meta_path(path)
+    if not path.is_file() or not meta_path.is_file():
+        raise MinillmError(f"token file {path} (or its {meta_path.name}) does not exist: write it with write_token_ids")
+    meta = read_json(meta_path)
+    dtype = np.dtype(meta["dtype"])
+    if path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
+        raise MinillmError(f"{path} holds {path.stat().st_size} bytes, but {meta_path.name} promises "
+                           f"{meta['n_tokens']} {dtype.name} ids: the file is damaged or was changed")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+
+
+def split_train_val(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``1 - val_fraction`` of the ids for training, the rest for validation (nanoGPT's
+    90/10 split of Tiny Shakespeare). Slices of a memmap stay memmaps: nothing is copied."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if len(ids) < 2:
+        raise MinillmError(f"cannot split {len(ids)} token(s) into training and validation data")
+    n_train = min(max(int(len(ids) * (1.0 - val_fraction)), 1), len(ids) - 1)
+    return ids[:n_train], ids[n_train:]
+
+
+def _check_blocks(ids: np.ndarray, block_size: int, batch_size: int) -> None:
+    if block_size < 1 or batch_size < 1:
+        raise ValueError(f"block_size and batch_size must be at least 1, got {block_size} and {batch_size}")
+    if len(ids) == 0:
+        raise MinillmError("the token data is empty")
+    if len(ids) < block_size + 1:
+        raise MinillmError(f"block_size {block_size} needs at least {block_size + 1} tokens (inputs and the next-token "
+                           f"targets), but the data has {len(ids)}: use a smaller block size or more text")
+
+
+def _blocks_at(ids: np.ndarray, starts: np.ndarray, block_size: int, device: str | torch.device | None):
+    windows = np.asarray(ids[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)  # (B, T + 1)
+    x = torch.from_numpy(windows[:, :-1].copy())  # (B, T)
+    y = torch.from_numpy(windows[:, 1:].copy())  # (B, T): y[:, t] is the token after x[:, t]
+    if device is not None and torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return (x.to(device), y.to(device)) if device is not None else (x, y)
+
+
+def sample_lm_batch(ids: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+                    device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch for next-token prediction: ``x = ids[s : s+T]``, ``y = ids[s+1 : s+T+1]``.
+
+    The B offsets ``s`` are drawn uniformly from ``0 .. len(ids) - T - 1`` with ``generator``
+    (a CPU ``torch.Generator``: seed it, and save and restore ``generator.get_state()`` to resume a
+    run on exactly the same batches). Returns int64 tensors (B, T), on ``device`` if given.
+    """
+    _check_blocks(ids, block_size, batch_size)
+    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()  # (B,)
+    return _blocks_at(ids, starts, block_size, device)
+
+
+def iter_lm_blocks(ids: np.ndarray, block_size: int, batch_size: int,
+                   device: str | torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every non-overlapping block in order, in batches, for evaluating on a whole split.
+
+    Block k is ``x = ids[kT : kT+T]``, ``y = ids[kT+1 : kT+T+1]``, for k = 0 .. (len(ids)-1)//T - 1;
+    the few tokens after the last full block are not predicted. The last batch may be smaller.
+    """
+    _check_blocks(ids, block_size, batch_size)
+    n_blocks = (len(ids) - 1) // block_size
+    for first in range(0, n_blocks, batch_size):
+        starts = np.arange(first, min(first + batch_size, n_blocks)) * block_size  # (B,)
+        yield _blocks_at(ids, starts, block_size, device)

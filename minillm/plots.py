@@ -142,3 +142,29 @@ def plot_trajectories_2d(
     ax.set(xlim=xlim, ylim=ylim, xlabel="$\\theta_1$", ylabel="$\\theta_2$", title=title)
     ax.legend(fontsize="small")
     return save_figure(fig, path)
+
+
+def plot_histogram(
+    samples: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    title: str = "",
+    xlabel: str = "value",
+    bins: int | Sequence[float] = 50,
+    markers: Mapping[str, float] | None = None,
+) -> pathlib.Path:
+    """Overlaid histograms of one or more named samples (shared bins: a count or the edges, e.g.
+    ``range(n)`` for integers), with labelled vertical lines (``markers``: label -> x, e.g. a percentile)."""
+    import numpy as np
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    edges = np.histogram_bin_edges(np.concatenate([np.asarray(v, dtype=float) for v in samples.values()]), bins=bins)
+    for index, (name, values) in enumerate(samples.items()):
+        ax.hist(values, bins=edges, alpha=0.5 if len(samples) > 1 else 0.8, color=f"C{index}", label=name)
+    for index, (label, x) in enumerate((markers or {}).items()):
+        ax.axvline(x, color=f"C{index + len(samples)}", linestyle="--", linewidth=1.2, label=label)
+    ax.set(xlabel=xlabel, ylabel="count", title=title)
+    ax.grid(alpha=0.3)
+    if len(samples) > 1 or markers:
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)
