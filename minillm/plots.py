@@ -168,3 +168,90 @@ def plot_histogram(
     if len(samples) > 1 or markers:
         ax.legend(fontsize="small")
     return save_figure(fig, path)
+
+
+def plot_heatmap(
+    matrix,
+    path: str | os.PathLike,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    cmap: str = "RdBu_r",
+    colorbar_label: str = "value",
+) -> pathlib.Path:
+    """One 2-D array as an image with a colorbar, row 0 at the top (e.g. a position-encoding table).
+
+    The colour scale is symmetric around 0 for signed data (the default diverging ``cmap``)."""
+    import numpy as np
+
+    values = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix, dtype=float)
+    if values.ndim != 2 or 0 in values.shape:
+        raise ValueError(f"a heatmap needs a non-empty 2-D array, got shape {values.shape}")
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    limit = float(np.nanmax(np.abs(values))) or 1.0
+    signed = bool((values < 0).any())
+    image = ax.imshow(values, cmap=cmap if signed else "viridis", vmin=-limit if signed else None,
+                      vmax=limit if signed else None, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return save_figure(fig, path)
+
+
+def plot_attention(
+    weights,
+    path: str | os.PathLike,
+    x_labels: Sequence[str] | None = None,
+    y_labels: Sequence[str] | None = None,
+    titles: Sequence[str] | None = None,
+    title: str = "",
+    xlabel: str = "key position",
+    ylabel: str = "query position",
+    columns: int | None = None,
+) -> pathlib.Path:
+    """Heatmaps of attention weights: row i is query i's distribution over the keys (columns).
+
+    ``weights`` is one (L, S) map or a stack (n, L, S), e.g. one map per head, drawn as n panels
+    side by side (``columns`` per row; default: all in one row) on one shared colour scale from 0
+    to the largest weight (a tensor or an array). ``x_labels`` (S of them) and ``y_labels`` (L)
+    label the keys and queries, e.g. with their tokens; ``titles`` names the panels.
+    """
+    import numpy as np
+
+    maps = np.asarray(weights.detach().cpu() if hasattr(weights, "detach") else weights, dtype=float)
+    if maps.ndim == 2:
+        maps = maps[None]  # (1, L, S)
+    if maps.ndim != 3 or 0 in maps.shape:
+        raise ValueError(f"attention weights must have shape (L, S) or (n, L, S), got {maps.shape}")
+    n_maps, query_len, key_len = maps.shape
+    if x_labels is not None and len(x_labels) != key_len:
+        raise ValueError(f"{len(x_labels)} x_labels for {key_len} keys")
+    if y_labels is not None and len(y_labels) != query_len:
+        raise ValueError(f"{len(y_labels)} y_labels for {query_len} queries")
+    if titles is not None and len(titles) != n_maps:
+        raise ValueError(f"{len(titles)} titles for {n_maps} maps")
+    columns = n_maps if columns is None else max(1, min(columns, n_maps))
+    rows = -(-n_maps // columns)  # ceiling division
+    cell = min(0.45, 6.0 / max(query_len, key_len))  # inches per cell: large maps shrink to fit
+    fig = Figure(figsize=(columns * (key_len * cell + 1.0) + 1.2, rows * (query_len * cell + 1.0) + 0.4), layout="constrained")
+    grid = fig.subplots(rows, columns, squeeze=False)
+    axes = list(grid.flat)[:n_maps]
+    for ax in list(grid.flat)[n_maps:]:
+        ax.set_visible(False)  # the unused cells of the last row
+    top = max(float(np.nanmax(maps)), 1e-12) if np.isfinite(maps).any() else 1.0  # colour scale 0 .. largest weight
+    for index, ax in enumerate(axes):
+        image = ax.imshow(maps[index], cmap="viridis", vmin=0.0, vmax=top, aspect="equal", interpolation="nearest")
+        if x_labels is not None or key_len <= 24:  # otherwise matplotlib's own sparser ticks
+            ax.set_xticks(range(key_len), labels=x_labels if x_labels is not None else range(key_len))
+        if y_labels is not None or query_len <= 24:
+            ax.set_yticks(range(query_len), labels=y_labels if y_labels is not None else range(query_len))
+        ax.tick_params(labelsize="small", length=0)
+        ax.set_xlabel(xlabel)
+        if index % columns == 0:
+            ax.set_ylabel(ylabel)
+        if titles is not None:
+            ax.set_title(titles[index])
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

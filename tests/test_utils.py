@@ -55,6 +55,35 @@ def test_plots_are_written_as_png_files(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_attention_heatmaps_are_written_for_one_map_or_a_stack(tmp_path):
+    weights = torch.softmax(torch.randn(2, 3, 4), dim=-1)  # (n_heads, L, S)
+    stack = plots.plot_attention(weights, tmp_path / "heads.png", x_labels=list("abcd"), y_labels=list("xyz"),
+                                 titles=["head 0", "head 1"], title="two heads")
+    single = plots.plot_attention(weights[0].numpy(), tmp_path / "one.png")
+    grid = plots.plot_attention(torch.rand(3, 2, 2), tmp_path / "grid.png", columns=2)  # 2 x 2, one cell left empty
+    for path in (stack, single, grid):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("bad", [torch.rand(5), torch.rand(1, 2, 3, 4), torch.rand(0, 3)])
+def test_attention_heatmap_refuses_a_wrong_shape(tmp_path, bad):
+    with pytest.raises(ValueError, match="shape"):
+        plots.plot_attention(bad, tmp_path / "bad.png")
+
+
+def test_attention_heatmap_refuses_labels_that_do_not_fit(tmp_path):
+    with pytest.raises(ValueError, match="x_labels"):
+        plots.plot_attention(torch.rand(3, 4), tmp_path / "bad.png", x_labels=list("abc"))
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_heatmap_is_written_for_signed_and_unsigned_matrices_and_refuses_other_shapes(tmp_path):
+    for name, matrix in (("signed", torch.randn(5, 4)), ("unsigned", torch.rand(5, 4).numpy())):
+        assert plots.plot_heatmap(matrix, tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="2-D"):
+        plots.plot_heatmap(torch.rand(2, 3, 4), tmp_path / "bad.png")
+
+
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
     checkpoint.write_json(target, {"step": 1})
