@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from minillm import benchmark, gradcheck, plots
 from minillm.checkpoint import write_json
-from minillm.config import QuickConfig, parse_config
+from minillm.config import QuickConfig, run_chapter
 from minillm.device import describe_device, is_compiled, maybe_compile, pick_device, seed_everything
 from minillm.layers import MLP
 
@@ -118,4 +118,4 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_chapter(main, Config)

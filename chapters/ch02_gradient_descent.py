@@ -18,7 +18,7 @@ import torch
 
 from minillm import bow, data, linreg, optim, plots
 from minillm.checkpoint import write_json
-from minillm.config import QuickConfig, parse_config
+from minillm.config import QuickConfig, run_chapter
 from minillm.device import seed_everything
 from minillm.tokenization import WordTokenizer
 
@@ -164,4 +164,4 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_chapter(main, Config)

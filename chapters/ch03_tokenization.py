@@ -20,7 +20,7 @@ import torch
 
 from minillm import data, plots
 from minillm.checkpoint import write_json
-from minillm.config import QuickConfig, parse_config
+from minillm.config import QuickConfig, run_chapter
 from minillm.tokenization import (BPETokenizer, CharTokenizer, UnknownCharacterError, bpe_vocab_overlap, compression,
                                   load_library_tokenizer, save_library_tokenizer, special_token_ids, train_library_bpe,
                                   train_wordpiece)
@@ -197,4 +197,4 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_chapter(main, Config)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
-from typing import Any, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 QUICK_ENV = "MINILLM_QUICK"
 
@@ -129,10 +130,38 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
             overrides[name] = tuple(value)
     quick = overrides.get("quick", False) or quick_requested()
     try:
-        return build_config(cls, overrides, quick=quick)
+        config = build_config(cls, overrides, quick=quick)
     except ValueError as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits
+    if isinstance(getattr(config, "device", None), str):  # a device this machine lacks is a usage error too
+        from minillm import MinillmError
+        from minillm.device import pick_device
+
+        try:
+            pick_device(config.device)
+        except MinillmError as error:
+            parser.error(str(error))
+    return config
+
+
+def run_chapter(main: Callable[[C], object], cls: type[C], argv: list[str] | None = None) -> None:
+    """A chapter script's entry point: parse the command line into ``cls`` and run ``main(config)``.
+
+    A user's mistake found while running (a missing or damaged file: :class:`minillm.MinillmError`)
+    prints one ``error:`` line and exits with status 2; Ctrl-C exits with 130. Files already saved stay.
+    """
+    from minillm import MinillmError
+
+    config = parse_config(cls, argv)
+    try:
+        main(config)
+    except MinillmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: files saved so far are kept", file=sys.stderr)
+        sys.exit(130)
 
 
 def config_for_notebook(cls: type[C], **overrides: Any) -> C:

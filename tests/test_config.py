@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from minillm.config import QuickConfig, config_for_notebook, config_parser, parse_config
+from minillm.config import QuickConfig, config_for_notebook, config_parser, parse_config, run_chapter
 
 
 @dataclass
@@ -60,3 +60,29 @@ def test_bad_values_exit_with_a_usage_error(argv, message, capsys):
         parse_config(ExampleConfig, argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@dataclass
+class DeviceConfig(QuickConfig):
+    device: str = field(default="auto", metadata={"help": "device"})
+
+
+def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(DeviceConfig, ["--device", "tpu"])
+    assert exit_info.value.code == 2 and "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_run_chapter_turns_a_users_mistake_into_one_line_and_exit_2(capsys):
+    from minillm import MinillmError
+
+    def main(config):
+        raise MinillmError("data/missing.txt does not exist or is not a file")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_chapter(main, ExampleConfig, [])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: data/missing.txt does not exist or is not a file\n"
+    seen = []
+    run_chapter(seen.append, ExampleConfig, ["--steps", "5"])
+    assert seen == [ExampleConfig(steps=5)]
