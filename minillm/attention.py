@@ -206,14 +206,23 @@ class MultiHeadAttention(nn.Module):
         ``rotary(q, k, offset) -> (q, k)`` that rotates queries and keys by their positions
         ``offset, offset+1, ...`` (rotary position embeddings, applied before keys are cached)."""
         source = query if key_value is None else key_value  # self- or cross-attention
-        q = self.split_heads(self.q_proj(query))  # (B, n_heads, L, head_dim)
-        past = 0
-        if kv_cache is not None and kv_cache.static and kv_cache.length > 0:
-            k, v = kv_cache.cached()  # cross-attention: the memory's keys and values, computed once
+        fast = self.fast_path if use_fast_path is None else use_fast_path
+        reuse_cached = kv_cache is not None and kv_cache.static and kv_cache.length > 0  # cross-attention, later steps
+        past = kv_cache.length if kv_cache is not None and not kv_cache.static else 0
+        if fast and key_value is None:
+            # Self-attention on the fast path: one matmul against [W_q; W_k; W_v] instead of three
+            # small ones (the same dot products, one pass over x; it pays on CPUs and small GPUs).
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3 d_model, d_model)
+            bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            q, k, v = (self.split_heads(t) for t in F.linear(query, weight, bias).split(self.d_model, dim=-1))
         else:
-            k = self.split_heads(self.k_proj(source))  # (B, n_heads, S_new, head_dim)
-            v = self.split_heads(self.v_proj(source))
-            past = kv_cache.length if kv_cache is not None and not kv_cache.static else 0
+            q = self.split_heads(self.q_proj(query))  # (B, n_heads, L, head_dim)
+            if reuse_cached:
+                k, v = kv_cache.cached()  # the memory's keys and values, computed at the first step
+            else:
+                k = self.split_heads(self.k_proj(source))  # (B, n_heads, S_new, head_dim)
+                v = self.split_heads(self.v_proj(source))
+        if not reuse_cached:
             if rotary is not None:
                 q, k = rotary(q, k, past)
             if kv_cache is not None:
@@ -242,7 +251,6 @@ class MultiHeadAttention(nn.Module):
             mask = mask.unsqueeze(1)  # (B, 1, L, S): the same mask for every head
 
         dropout_p = self.dropout if self.training else 0.0
-        fast = self.fast_path if use_fast_path is None else use_fast_path
         attn_weights = None
         if fast and not need_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal_in_kernel)

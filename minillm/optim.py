@@ -193,15 +193,64 @@ class Adam(HandwrittenOptimizer):
     """
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, decoupled_weight_decay: bool = False):
         _check(lr >= 0.0, f"Invalid learning rate: {lr}")
         _check(eps >= 0.0, f"Invalid epsilon value: {eps}")
         _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
         _check_betas(betas)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One step. With ``foreach`` (the default, unless ``amsgrad``) each group's parameters are
+        updated together by ``torch._foreach_*`` operations, the same element-wise arithmetic as
+        :meth:`update` in ~10 calls per group instead of ~10 per parameter; ``foreach=False``
+        runs :meth:`update` parameter by parameter. Both give the same numbers (tested)."""
+        if not any(group["foreach"] is not False and not group["amsgrad"] for group in self.param_groups):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["foreach"] is False or group["amsgrad"]:
+                for param in params:
+                    self.update(param, _gradient(param, group["maximize"], type(self).__name__), self.state[param], group)
+            elif params:
+                self._foreach_update(params, [_gradient(p, group["maximize"], type(self).__name__) for p in params], group)
+        return loss
+
+    def _foreach_update(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> None:
+        """:meth:`update`'s equations on lists of tensors, operation for operation."""
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        for param, state in zip(params, states):
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = _zeros(param)
+                state["exp_avg_sq"] = _zeros(param)
+        if weight_decay != 0:
+            if group["decoupled_weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * weight_decay)                     # theta *= 1 - lr wd
+            else:
+                grads = torch._foreach_add(grads, params, alpha=weight_decay)          # g += wd theta
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)                                # m_t = b1 m + (1-b1) g
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)             # v_t = b2 v + (1-b2) g^2
+        t = [step.item() for step in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [(1 - beta2**step) ** 0.5 for step in t])
+        torch._foreach_add_(denom, eps)                                                 # sqrt(v_hat) + eps
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**step) for step in t])
 
     def update(self, param, grad, state, group):
         lr, weight_decay = group["lr"], group["weight_decay"]
@@ -240,9 +289,10 @@ class AdamW(Adam):
     """
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, decoupled_weight_decay=True)
+                         foreach=foreach, maximize=maximize, decoupled_weight_decay=True)
 
 
 class LAMB(HandwrittenOptimizer):
