@@ -1,0 +1,370 @@
+"""Hugging Face GPT-2 checkpoints, read and written by minillm.hf, checked against transformers itself.
+
+Both directions are compared on logits of random token ids, with transformers' own
+``GPT2LMHeadModel`` as the reference: a folder written by ``save_pretrained`` must load into a
+minillm ``GPT`` that computes the same logits, and a folder written by ``GPT.save_hf`` must load
+into ``GPT2LMHeadModel.from_pretrained`` (with no missing, unexpected or mis-shaped tensor) and
+compute the same logits.
+
+Weights are scrambled away from their initial values first (2-D matrices drawn with std 0.3, every
+LayerNorm gain and shift and every bias moved by N(0, 0.2²)): at the usual init (std 0.02, unit
+gains, zero biases) attention is almost uniform and a swapped query/key projection, a missing bias
+or a LayerNorm read into the wrong place would change the logits by too little to see.
+
+Tolerances: in float32 the two models run the same arithmetic through different kernels
+(``Conv1D``'s addmm against ``nn.Linear``, in different summation orders), so logits of size up
+to ~4 agree to a few float32 roundings; we allow rtol = atol = 1e-5 on the fixed small models
+(observed: at most 1.2e-6) and compare the random shapes hypothesis draws in float64, where
+larger scrambled models reach float32 differences of ~2e-5.
+In float64 the same comparison holds to rtol = atol = 1e-12 (observed: ~4e-15). A mistake is
+far above either: a forgotten ``c_proj`` transpose moves the logits by ~5, queries and keys
+swapped in one layer by ~1. The round trip minillm -> folder -> minillm only moves numbers
+between files and layouts, so it must be bit-identical (``torch.equal``).
+
+transformers is a test-only dependency; without it this module is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import tempfile
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file, save_file
+
+from minillm import MinillmError
+from minillm.gpt import GPT, GPTConfig
+from minillm.hf import load_gpt2, save_gpt2
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+F64_TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def scramble_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Move every parameter away from its init, in place (tied matrices are visited once)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:  # LayerNorm gains (1 + noise) and shifts, biases (0 + noise)
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+            else:
+                parameter.normal_(0.0, 0.3, generator=generator)
+    return model
+
+
+def hf_gpt2(seed=0, vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, tie=True,
+            activation="gelu_new"):
+    """A scrambled transformers GPT2LMHeadModel, in eval mode."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, activation_function=activation, tie_word_embeddings=tie,
+                                     bos_token_id=None, eos_token_id=None)
+    return scramble_(transformers.GPT2LMHeadModel(config), seed).eval()
+
+
+def minillm_gpt(seed=0, bias=True, tie=True, **overrides):
+    """A scrambled minillm GPT, in eval mode."""
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
+    config = GPTConfig(**{**sizes, **overrides}, bias=bias, tie_weights=tie)
+    return scramble_(GPT(config), seed).eval()
+
+
+def random_ids(vocab_size, length, seed=0, batch=3):
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def our_logits(model, ids):
+    with torch.no_grad():
+        return model(ids)[0]
+
+
+def load_with_transformers(directory):
+    """GPT2LMHeadModel.from_pretrained, insisting that every tensor was found and used."""
+    model, info = transformers.GPT2LMHeadModel.from_pretrained(directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@pytest.fixture
+def hf_folder(tmp_path) -> pathlib.Path:
+    """A valid save_pretrained folder of `hf_gpt2()` (tied), for a test to edit."""
+    folder = tmp_path / "gpt2"
+    hf_gpt2().save_pretrained(folder)
+    return folder
+
+
+def edit_config(folder: pathlib.Path, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def edit_tensors(folder: pathlib.Path, edit) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, path, metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers -> minillm
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_a_save_pretrained_folder_loads_with_the_same_logits(tmp_path, tie):
+    reference = hf_gpt2(tie=tie)
+    reference.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()  # safetensors is save_pretrained's default
+    model = GPT.from_hf(tmp_path).eval()
+    assert model.config.tie_weights == tie and (model.lm_head.weight is model.wte.weight) == tie
+    ids = random_ids(50, 16)
+    torch.testing.assert_close(our_logits(model, ids), hf_logits(reference, ids), **F32_TOL)
+    # In float64 the only differences left are summation orders.
+    torch.testing.assert_close(our_logits(model.double(), ids), hf_logits(reference.double(), ids), **F64_TOL)
+
+
+@settings(max_examples=6)
+@given(n_layer=st.integers(1, 3), n_head=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 4, 8]),
+       vocab_size=st.integers(5, 60), n_positions=st.integers(4, 12), tie=st.booleans(),
+       activation=st.sampled_from(["gelu_new", "gelu_pytorch_tanh", "gelu"]), seed=st.integers(0, 2**16))
+def test_any_gpt2_shape_loads_with_the_same_logits(n_layer, n_head, head_dim, vocab_size, n_positions, tie,
+                                                   activation, seed):
+    reference = hf_gpt2(seed, vocab_size, n_positions, n_head * head_dim, n_layer, n_head, tie, activation)
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model = load_gpt2(directory).eval()
+    ids = random_ids(vocab_size, n_positions, seed)
+    # float64: random shapes with scrambled weights reach logits whose float32 roundings exceed 1e-5
+    torch.testing.assert_close(our_logits(model.double(), ids), hf_logits(reference.double(), ids), **F64_TOL)
+
+
+def test_a_gpt2model_folder_without_prefix_and_with_legacy_mask_buffers_loads(tmp_path):
+    """OpenAI's upload on the Hub: names without "transformer.", and the old causal-mask buffers."""
+    reference = hf_gpt2(seed=3)
+    n_positions = reference.config.n_positions
+    tensors = {key.removeprefix("transformer."): value.contiguous()
+               for key, value in reference.state_dict().items() if key != "lm_head.weight"}
+    for i in range(reference.config.n_layer):
+        causal = torch.tril(torch.ones(n_positions, n_positions))  # (P, P), 1 where a query may attend
+        tensors[f"h.{i}.attn.bias"] = causal.view(1, 1, n_positions, n_positions)
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = {key: value for key, value in reference.config.to_dict().items()
+              if key not in ("tie_word_embeddings", "n_inner")}  # absent keys take GPT-2's defaults
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = random_ids(50, 16)
+    torch.testing.assert_close(our_logits(load_gpt2(tmp_path).eval(), ids), hf_logits(reference, ids), **F32_TOL)
+
+
+def test_a_stored_copy_of_tied_embeddings_is_ignored_as_transformers_does(hf_folder):
+    def add_a_copy_of_wte(tensors):
+        tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    edit_tensors(hf_folder, add_a_copy_of_wte)
+    model = load_gpt2(hf_folder)
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_a_sharded_folder_loads(tmp_path):
+    reference = hf_gpt2(seed=4)
+    reference.save_pretrained(tmp_path, max_shard_size="10KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    ids = random_ids(50, 16)
+    torch.testing.assert_close(our_logits(load_gpt2(tmp_path).eval(), ids), hf_logits(reference, ids), **F32_TOL)
+
+
+def test_dropout_is_the_callers_choice_not_the_checkpoints(tmp_path):
+    hf_gpt2().save_pretrained(tmp_path)  # resid/embd/attn_pdrop 0.1
+    assert load_gpt2(tmp_path).config.dropout == 0.0
+    assert load_gpt2(tmp_path, dropout=0.3).config.dropout == 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# minillm -> transformers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_save_hf_loads_into_transformers_with_the_same_logits(tmp_path, bias, tie, activation):
+    model = minillm_gpt(seed=1, bias=bias, tie=tie, activation=activation)
+    assert model.save_hf(tmp_path / "out") == tmp_path / "out"
+    reference = load_with_transformers(tmp_path / "out")
+    assert reference.config.tie_word_embeddings == tie
+    assert reference.config.activation_function == {"gelu": "gelu", "gelu_tanh": "gelu_new"}[activation]
+    assert reference.config.resid_pdrop == reference.config.attn_pdrop == reference.config.embd_pdrop == 0.1
+    ids = random_ids(50, 16, seed=1)
+    torch.testing.assert_close(hf_logits(reference, ids), our_logits(model, ids), **F32_TOL)
+
+
+@settings(max_examples=4)
+@given(n_layer=st.integers(1, 3), n_head=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 4, 8]),
+       vocab_size=st.integers(5, 60), block_size=st.integers(4, 12), seed=st.integers(0, 2**16))
+def test_save_hf_of_any_shape_loads_into_transformers(n_layer, n_head, head_dim, vocab_size, block_size, seed):
+    model = minillm_gpt(seed, vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                        n_embd=n_head * head_dim)
+    with tempfile.TemporaryDirectory() as directory:
+        save_gpt2(model, directory)
+        reference = load_with_transformers(directory)
+    ids = random_ids(vocab_size, block_size, seed)
+    torch.testing.assert_close(hf_logits(reference.double(), ids), our_logits(model.double(), ids), **F64_TOL)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_save_hf_writes_what_save_pretrained_writes(tmp_path, tie):
+    """Same tensor names, shapes and values as transformers' own save of the loaded model."""
+    save_gpt2(minillm_gpt(seed=2, tie=tie), tmp_path / "ours")
+    load_with_transformers(tmp_path / "ours").save_pretrained(tmp_path / "theirs")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert ("lm_head.weight" in ours) == (not tie)
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_minillm_to_hf_to_minillm_is_bit_identical(tmp_path, tie):
+    model = minillm_gpt(seed=5, tie=tie, layer_norm_eps=1e-6)
+    save_gpt2(model, tmp_path)
+    loaded = load_gpt2(tmp_path, dropout=model.config.dropout)
+    assert loaded.config == model.config
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(loaded_state[name], tensor), name
+    assert (loaded.lm_head.weight is loaded.wte.weight) == tie
+
+
+def test_a_model_without_biases_comes_back_with_zero_biases_and_the_same_logits(tmp_path):
+    model = minillm_gpt(seed=6, bias=False)
+    save_gpt2(model, tmp_path)
+    loaded = load_gpt2(tmp_path).eval()
+    assert loaded.config.bias and all(torch.count_nonzero(loaded.state_dict()[name]) == 0
+                                      for name in loaded.state_dict() if name.endswith(".bias"))
+    ids = random_ids(50, 16)
+    torch.testing.assert_close(our_logits(loaded, ids), our_logits(model, ids), **F32_TOL)
+
+
+def test_save_hf_writes_a_config_transformers_reads_back(tmp_path):
+    save_gpt2(minillm_gpt(vocab_size=50257, n_embd=8, block_size=8, n_layer=1), tmp_path / "gpt2-vocab")
+    save_gpt2(minillm_gpt(activation="gelu_tanh"), tmp_path / "own-vocab")
+    gpt2_vocab = transformers.GPT2Config.from_pretrained(tmp_path / "gpt2-vocab")
+    own_vocab = transformers.GPT2Config.from_pretrained(tmp_path / "own-vocab")
+    assert gpt2_vocab.eos_token_id == gpt2_vocab.bos_token_id == 50256  # <|endoftext|> of OpenAI's vocabulary
+    assert own_vocab.eos_token_id is None and own_vocab.bos_token_id is None  # unknown for another vocabulary
+    assert (own_vocab.model_type, own_vocab.n_positions, own_vocab.n_embd, own_vocab.n_layer, own_vocab.n_head) == (
+        "gpt2", 16, 16, 2, 2)
+    assert own_vocab.architectures == ["GPT2LMHeadModel"] and own_vocab.activation_function == "gelu_new"
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(MinillmError, match="is not a directory"):
+        GPT.from_hf(tmp_path / "nowhere")
+
+
+def test_a_folder_without_config_is_a_clear_error(hf_folder):
+    (hf_folder / "config.json").unlink()
+    with pytest.raises(MinillmError, match="has no config.json"):
+        load_gpt2(hf_folder)
+
+
+def test_a_pickle_only_folder_is_refused(hf_folder):
+    (hf_folder / "model.safetensors").unlink()
+    (hf_folder / "pytorch_model.bin").write_bytes(b"a pickle that must never be opened")
+    with pytest.raises(MinillmError, match=r"only pytorch_model\.bin, a pickle.*reads only safetensors"):
+        load_gpt2(hf_folder)
+
+
+def test_a_folder_without_weights_is_a_clear_error(hf_folder):
+    (hf_folder / "model.safetensors").unlink()
+    with pytest.raises(MinillmError, match="has no model.safetensors"):
+        load_gpt2(hf_folder)
+
+
+def test_a_corrupt_safetensors_file_is_a_clear_error(hf_folder):
+    (hf_folder / "model.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(MinillmError, match="cannot read .* as safetensors"):
+        load_gpt2(hf_folder)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"activation_function": "relu"}, "activation_function 'relu'"),
+    ({"n_inner": 48}, "n_inner=48"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "attention scaling"),
+    ({"model_type": "bert"}, "'bert' model"),
+    ({"n_head": 3}, "does not describe a valid GPT"),
+], ids=["relu", "n_inner", "attention-scaling", "not-gpt2", "n_head-not-dividing-n_embd"])
+def test_configs_minillm_cannot_build_are_refused(hf_folder, changes, message):
+    edit_config(hf_folder, **changes)
+    with pytest.raises(MinillmError, match=message):
+        load_gpt2(hf_folder)
+
+
+def test_n_inner_of_four_times_n_embd_is_accepted(hf_folder):
+    edit_config(hf_folder, n_inner=64)
+    load_gpt2(hf_folder)
+
+
+def test_a_missing_tensor_is_named(hf_folder):
+    edit_tensors(hf_folder, lambda tensors: tensors.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(MinillmError, match=r"has no tensor 'h\.1\.mlp\.c_fc\.bias'"):
+        load_gpt2(hf_folder)
+
+
+def test_a_missing_untied_output_layer_is_named(hf_folder):
+    edit_config(hf_folder, tie_word_embeddings=False)
+    with pytest.raises(MinillmError, match="has no tensor 'lm_head.weight'"):
+        load_gpt2(hf_folder)
+
+
+def test_an_extra_tensor_is_named(hf_folder):
+    edit_tensors(hf_folder, lambda tensors: tensors.update({"transformer.h.2.ln_1.weight": torch.ones(16)}))
+    with pytest.raises(MinillmError, match=r"holds a tensor 'transformer\.h\.2\.ln_1\.weight'"):
+        load_gpt2(hf_folder)
+
+
+def test_a_mis_shaped_tensor_is_named(hf_folder):
+    """An nn.Linear-layout (untransposed) weight where GPT-2's Conv1D layout belongs."""
+    def transpose_c_attn(tensors):
+        tensors["transformer.h.0.attn.c_attn.weight"] = tensors["transformer.h.0.attn.c_attn.weight"].t()
+    edit_tensors(hf_folder, transpose_c_attn)
+    message = r"'transformer\.h\.0\.attn\.c_attn\.weight'.*\(48, 16\), expected \(16, 48\)"
+    with pytest.raises(MinillmError, match=message):
+        load_gpt2(hf_folder)
+
+
+def test_save_hf_into_a_file_path_is_a_clear_error(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(MinillmError, match="cannot create the folder"):
+        minillm_gpt().save_hf(tmp_path / "taken")
+
+
+def test_a_rotary_model_is_refused_before_anything_is_written(tmp_path):
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, positions="rotary"))
+    with pytest.raises(MinillmError, match="positions='rotary'"):
+        model.save_hf(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
