@@ -1,56 +1,86 @@
 """``python -m minillm <command>``: the command-line entry point.
 
-Commands so far:
-
 - ``pipeline``: the main job, every chapter's stage in order, resumable, with a summary.
+- ``pretrain gpt``: pretrain a GPT on a text file (``minillm.pretrain``).
+- ``generate``: sample from a pretrained run.
+- ``bench``: training throughput (and MFU on CUDA) of a GPT shape (``minillm.bench``).
 
-A user's mistake (a missing file, an impossible option) prints one ``error:`` line and exits
-with status 2; Ctrl-C exits with 130 and keeps everything already saved.
+Every option comes from a configuration dataclass, so ``--help`` lists them all with their
+defaults. A user's mistake (a missing file, an impossible option) prints one ``error:`` line and
+exits with status 2; Ctrl-C exits with 130 and keeps everything already saved.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from minillm import MinillmError, __version__
-from minillm.config import build_config, config_parser
+from minillm.config import build_config, config_parser, quick_requested
+
+
+def _commands() -> dict[str, tuple[type, Callable, str]]:
+    """command name -> (config class, function running it, one-line help)."""
+    from minillm.bench import BenchConfig, run_bench
+    from minillm.pipeline import PipelineConfig, run_pipeline
+    from minillm.pretrain import GenerateConfig, GPTPretrainConfig, generate, pretrain_gpt
+
+    return {
+        "pipeline": (PipelineConfig, run_pipeline, "run the main job: every chapter's stage in order, resumable, with a summary"),
+        "pretrain gpt": (GPTPretrainConfig, pretrain_gpt, "pretrain a GPT language model on a text file"),
+        "generate": (GenerateConfig, generate, "sample text from a pretrained GPT run"),
+        "bench": (BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape"),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minillm.pipeline import PipelineConfig, STAGES
-
     parser = argparse.ArgumentParser(prog="python -m minillm", description="minillm: build LLMs from scratch in PyTorch.")
     parser.add_argument("--version", action="version", version=f"minillm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-    pipeline = commands.add_parser(
-        "pipeline", help="run the main job: every chapter's stage in order, resumable, with a summary",
-        description=PipelineConfig.__doc__,
-        epilog="stages: " + ", ".join(name for name, _, _ in STAGES),
-    )
-    config_parser(PipelineConfig, parser=pipeline)
-    pipeline.set_defaults(config_class=PipelineConfig)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (config_class, _, help_text) in _commands().items():
+        if " " in name:  # "pretrain gpt": a group of commands
+            group, sub = name.split(" ", 1)
+            if group not in groups:
+                group_parser = commands.add_parser(group, help=f"{group} a model: " + ", ".join(
+                    n.split(" ", 1)[1] for n in _commands() if n.startswith(group + " ")))
+                groups[group] = group_parser.add_subparsers(dest="subcommand", metavar="model", required=True)
+            command = groups[group].add_parser(sub, help=help_text, description=config_class.__doc__)
+        else:
+            command = commands.add_parser(name, help=help_text, description=config_class.__doc__)
+        if name == "pipeline":
+            from minillm.pipeline import STAGES
+
+            command.epilog = "stages: " + ", ".join(stage for stage, _, _ in STAGES)
+        config_parser(config_class, parser=command)
+        command.set_defaults(command_name=name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    command, config_class = args.pop("command"), args.pop("config_class")
+    name = args.pop("command_name")
+    args.pop("command", None)
+    args.pop("subcommand", None)
+    config_class, run, _ = _commands()[name]
     try:
         try:
-            config = build_config(config_class, args)
-        except ValueError as error:
-            parser.error(str(error))
-        if command == "pipeline":
-            from minillm.pipeline import run_pipeline
+            config = build_config(config_class, args, quick=bool(args.get("quick")) or quick_requested())
+            if isinstance(getattr(config, "device", None), str):
+                from minillm.device import pick_device
 
-            run_pipeline(config)
+                pick_device(config.device)
+        except (ValueError, MinillmError) as error:
+            parser.error(str(error))
+        run(config)
     except MinillmError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: everything saved so far is kept; rerun the same command to resume", file=sys.stderr)
+        print("\ninterrupted: everything saved so far is kept; rerun the same command with --resume to continue",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -1,8 +1,8 @@
 """Saving without losing anything: every file is written to a temporary name and then renamed.
 
 ``os.replace`` is atomic on POSIX and Windows, so a run killed mid-write leaves either the old
-file or the new one, never half of one. Nothing here unpickles: JSON for structure, (later)
-safetensors for tensors.
+file or the new one, never half of one. Nothing here unpickles: JSON for structure, safetensors
+for tensors (model weights, and whole training states: :func:`save_training_state`).
 """
 
 from __future__ import annotations
@@ -42,3 +42,172 @@ def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: one safetensors file holding weights, optimizer state and RNG states
+# ---------------------------------------------------------------------------------------------
+#
+# Everything a run needs to continue exactly lives in ONE file, written atomically, so that no kill
+# can leave a model from step 400 beside an optimizer from step 500:
+#
+#   tensors   "model/<name>"           the weights (a tied weight is stored once)
+#             "optimizer/<i>/<key>"    the optimizer's per-parameter tensors (exp_avg, exp_avg_sq, ...)
+#             "rng/torch", "rng/cuda/<d>", "rng/<name>"   random generator states (uint8 tensors)
+#   metadata  {"minillm": JSON}        step, configs, optimizer hyperparameters and scalars, history
+#
+# safetensors stores only tensors and a str -> str metadata dict, and loading it runs no code:
+# a checkpoint from an untrusted path cannot execute anything (unlike torch.load of a pickle).
+
+FORMAT_VERSION = 1
+
+
+def tied_names(state: dict) -> set[str]:
+    """Names in a state dict that alias an earlier entry (the same memory, e.g. GPT's ``lm_head.weight``
+    tied to ``wte.weight``)."""
+    seen, aliases = set(), set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            aliases.add(name)
+        seen.add(key)
+    return aliases
+
+
+def unique_state_dict(model) -> dict:
+    """The model's state dict, on the CPU, with each tied weight stored once (under its first name)."""
+    state = model.state_dict()
+    aliases = tied_names(state)
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in aliases}
+
+
+def load_model_state(model, tensors: dict, source: str = "checkpoint") -> None:
+    """Load ``tensors`` into ``model`` (strictly, up to tied weights), with one clear error on a mismatch."""
+    from minillm import MinillmError
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors) - tied_names(expected))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise MinillmError(f"the weights in {source} do not fit this model (missing: {missing[:3]}, unexpected: "
+                           f"{unknown[:3]}): was it made with another model configuration?")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise MinillmError(f"{source}: {name} has shape {tuple(tensor.shape)}, but the model expects "
+                               f"{tuple(expected[name].shape)}: was it made with another model configuration?")
+    model.load_state_dict(tensors, strict=False)
+
+
+def save_weights(path: str | os.PathLike, model, metadata: dict[str, Any] | None = None) -> pathlib.Path:
+    """Write the model's weights (tied weights once) as safetensors, atomically, with JSON metadata."""
+    from safetensors.torch import save
+
+    header = {"minillm": json.dumps(metadata or {})}
+    return atomic_write_bytes(path, save(unique_state_dict(model), metadata=header))
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file; the metadata is the JSON stored by this module.
+    A missing or damaged file is a :class:`minillm.MinillmError` with one sentence."""
+    from safetensors import SafetensorError, safe_open
+
+    from minillm import MinillmError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise MinillmError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MinillmError(f"{path} is not a readable safetensors file ({error})") from None
+    try:
+        metadata = json.loads(header.get("minillm", "{}"))
+    except json.JSONDecodeError:
+        raise MinillmError(f"{path} has damaged metadata") from None
+    return tensors, metadata
+
+
+def _rng_tensors(generators: dict) -> dict:
+    import torch
+
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{index}"] = state
+    for name, generator in generators.items():
+        tensors[f"rng/{name}"] = generator.get_state()
+    return tensors
+
+
+def save_training_state(path: str | os.PathLike, model, optimizer, *, step: int, generators: dict | None = None,
+                        metadata: dict | None = None) -> pathlib.Path:
+    """Write model weights, optimizer state, RNG states (global torch, CUDA and ``generators``, e.g.
+    the data sampler's) and ``metadata`` (JSON-able: step, configs, history) to one safetensors file, atomically."""
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save
+
+    tensors = {f"model/{name}": tensor for name, tensor in unique_state_dict(model).items()}
+    optimizer_state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors |= _rng_tensors(generators or {})
+    numpy_state = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(numpy_state[1].astype(np.int64))
+    python_state = random.getstate()
+    header = {"format": FORMAT_VERSION, "step": step, "optimizer": {"param_groups": optimizer_state["param_groups"],
+                                                                     "scalars": scalars},
+              "rng": {"numpy": [numpy_state[0], *numpy_state[2:]], "python": [python_state[0], list(python_state[1]),
+                                                                             python_state[2]]},
+              **(metadata or {})}
+    return atomic_write_bytes(path, save(tensors, metadata={"minillm": json.dumps(header)}))
+
+
+def load_training_state(path: str | os.PathLike, model, optimizer, generators: dict | None = None) -> dict:
+    """Restore what :func:`save_training_state` wrote into ``model``, ``optimizer`` and the RNGs;
+    return the metadata (with ``step``)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from minillm import MinillmError
+
+    tensors, header = read_safetensors(path)
+    if header.get("format") != FORMAT_VERSION:
+        raise MinillmError(f"{path} is not a minillm training checkpoint (format {header.get('format')!r})")
+    load_model_state(model, {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, str(path))
+    saved = header["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    for index, values in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise MinillmError(f"{path} holds an optimizer with {len(saved['param_groups'])} parameter groups, "
+                           f"this run has {len(optimizer.param_groups)}: was it made with other settings?")
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in tensors]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    for name, generator in (generators or {}).items():
+        if f"rng/{name}" not in tensors:
+            raise MinillmError(f"{path} has no state for the random generator {name!r}")
+        generator.set_state(tensors[f"rng/{name}"])
+    numpy_name, *numpy_rest = header["rng"]["numpy"]
+    np.random.set_state((numpy_name, tensors["rng/numpy"].numpy().astype(np.uint32), *numpy_rest))
+    version, internal, gauss = header["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    return header

@@ -431,15 +431,24 @@ def _blocks_at(ids: np.ndarray, starts: np.ndarray, block_size: int, device: str
 
 
 def sample_lm_batch(ids: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
-                    device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: str | torch.device | None = None, rank: int = 0,
+                    world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch for next-token prediction: ``x = ids[s : s+T]``, ``y = ids[s+1 : s+T+1]``.
 
     The B offsets ``s`` are drawn uniformly from ``0 .. len(ids) - T - 1`` with ``generator``
     (a CPU ``torch.Generator``: seed it, and save and restore ``generator.get_state()`` to resume a
     run on exactly the same batches). Returns int64 tensors (B, T), on ``device`` if given.
+
+    Data parallelism: with ``world_size`` processes drawing from identically seeded generators,
+    each draws the offsets of the whole global batch (B · world_size) and keeps rows
+    ``rank·B .. rank·B + B - 1``, so the processes see disjoint shares of exactly the batch one
+    process would see with ``batch_size = B · world_size``.
     """
     _check_blocks(ids, block_size, batch_size)
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).numpy()  # (B,)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0 .. world_size - 1, got rank {rank} of {world_size}")
+    starts = torch.randint(len(ids) - block_size, (batch_size * world_size,), generator=generator).numpy()  # (B·W,)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size]  # (B,): this process's share
     return _blocks_at(ids, starts, block_size, device)
 
 

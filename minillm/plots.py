@@ -170,6 +170,33 @@ def plot_histogram(
     return save_figure(fig, path)
 
 
+def plot_bars(
+    groups: Mapping[str, Sequence[float]],
+    labels: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+    ylabel: str = "value",
+) -> pathlib.Path:
+    """Grouped bars: for each of ``labels`` (x positions), one bar per named group, e.g. the
+    probabilities of the same candidate tokens under several temperatures."""
+    import numpy as np
+
+    if any(len(values) != len(labels) for values in groups.values()):
+        raise ValueError(f"every group needs one value per label ({len(labels)})")
+    fig = Figure(figsize=(max(6.0, 0.5 * len(labels) * max(1, len(groups)) ** 0.5 + 2), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(groups))
+    positions = np.arange(len(labels))
+    for index, (name, values) in enumerate(groups.items()):
+        ax.bar(positions + (index - (len(groups) - 1) / 2) * width, values, width, label=name, color=f"C{index}")
+    ax.set_xticks(positions, labels=list(labels))
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, axis="y")
+    if len(groups) > 1:
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
 def plot_heatmap(
     matrix,
     path: str | os.PathLike,

@@ -459,6 +459,15 @@ class BPETokenizer:
         return tokenizer
 
 
+def load_tokenizer(path: str | os.PathLike) -> "CharTokenizer | BPETokenizer":
+    """A :class:`CharTokenizer` or :class:`BPETokenizer` file, whichever ``path`` holds (its ``type``)."""
+    kind = _read_json_file(path).get("type")
+    classes = {"CharTokenizer": CharTokenizer, "BPETokenizer": BPETokenizer}
+    if kind not in classes:
+        raise MinillmError(f"{path} is not a saved CharTokenizer or BPETokenizer (its 'type' is {kind!r})")
+    return classes[kind].load(path)
+
+
 def _gpt2_vocab(tokenizer: BPETokenizer) -> dict[str, int]:
     """Byte and merged tokens as GPT-2-style strings (``Ġthe``), the form ``tokenizers`` uses too."""
     byte_char = bytes_to_unicode()

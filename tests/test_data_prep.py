@@ -270,6 +270,17 @@ def test_sampled_blocks_are_slices_of_the_array_and_y_is_x_shifted(batch_size, b
         assert y[row].tolist() == ids[start + 1: start + block_size + 1].tolist()
 
 
+@given(batch_size=st.integers(1, 5), world_size=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_data_parallel_shares_are_disjoint_rows_of_the_single_process_batch(batch_size, world_size, seed):
+    ids = np.arange(500, dtype=np.uint16)
+    whole_x, whole_y = data.sample_lm_batch(ids, batch_size * world_size, 8, torch.Generator().manual_seed(seed))
+    shares = [data.sample_lm_batch(ids, batch_size, 8, torch.Generator().manual_seed(seed), rank=rank, world_size=world_size)
+              for rank in range(world_size)]
+    assert torch.equal(torch.cat([x for x, _ in shares]), whole_x) and torch.equal(torch.cat([y for _, y in shares]), whole_y)
+    with pytest.raises(ValueError, match="rank"):
+        data.sample_lm_batch(ids, batch_size, 8, torch.Generator(), rank=world_size, world_size=world_size)
+
+
 def test_sampling_from_the_memmap_equals_sampling_from_memory_and_resumes_exactly(token_file):
     path, ids = token_file
     generator = torch.Generator().manual_seed(1337)

@@ -77,6 +77,13 @@ def test_attention_heatmap_refuses_labels_that_do_not_fit(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_grouped_bars_are_written_and_need_one_value_per_label(tmp_path):
+    path = plots.plot_bars({"T=0.5": [0.7, 0.2, 0.1], "T=2": [0.4, 0.3, 0.3]}, ["a", "b", "c"], tmp_path / "bars.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="one value per label"):
+        plots.plot_bars({"x": [1.0]}, ["a", "b"], tmp_path / "bad.png")
+
+
 def test_heatmap_is_written_for_signed_and_unsigned_matrices_and_refuses_other_shapes(tmp_path):
     for name, matrix in (("signed", torch.randn(5, 4)), ("unsigned", torch.rand(5, 4).numpy())):
         assert plots.plot_heatmap(matrix, tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
