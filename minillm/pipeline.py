@@ -5,8 +5,7 @@ last, atomically; a stage whose results exist (from a run of the same size) is n
 an interrupted pipeline resumes where it stopped. At the end a Markdown table of every stage's
 headline numbers is printed and saved as ``<out>/summary.md``, next to the stages' PNG plots.
 
-Today the stages are chapters 01 and 02; later chapters add tokenizer training, GPT and BERT
-pretraining and fine-tuning.
+Today the stages are chapters 01-06; later chapters add BERT pretraining and fine-tuning.
 """
 
 from __future__ import annotations
@@ -27,6 +26,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGES: list[tuple[str, str, str]] = [
     ("ch01_hello_pytorch", "chapters/ch01_hello_pytorch.py", "tensors, autograd, a training loop, torch.compile"),
     ("ch02_gradient_descent", "chapters/ch02_gradient_descent.py", "linear regression by hand; optimizers race on SST-2"),
+    ("ch03_tokenization", "chapters/ch03_tokenization.py", "cleaning; char, BPE and WordPiece tokenizers trained and compared"),
+    ("ch04_attention", "chapters/ch04_attention.py", "attention by hand; an attention-only model learns to reverse"),
+    ("ch05_transformer", "chapters/ch05_transformer.py", "an encoder-decoder Transformer learns number words -> digits"),
+    ("ch06_gpt", "chapters/ch06_gpt.py", "GPT pretrained on Tiny Shakespeare; samples; the KV cache"),
 ]
 
 
