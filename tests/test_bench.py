@@ -1,0 +1,54 @@
+"""minillm.bench: the FLOP count MFU divides by, and the command on a tiny shape (no timing is asserted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm.__main__ import main
+from minillm.bench import PEAK_BF16, ReferenceGPT, flops_per_token, peak_flops
+from minillm.gpt import GPT, GPTConfig
+
+
+def test_flops_per_token_is_six_n_plus_the_attention_term():
+    """GPT-2 124M at context 1024 (N = 123.7M without position embeddings, as nanoGPT counts):
+    6N + 12·L·H·Q·T = 742M + 113M FLOPs per token (PaLM, appendix B)."""
+    config = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    n_params = GPT(config).num_parameters(exclude_embeddings=True)
+    assert flops_per_token(config, n_params) == 6 * n_params + 12 * 12 * 12 * 64 * 1024
+    assert n_params == 123_689_472 and flops_per_token(config, n_params) == 855_383_040
+
+
+def test_peak_is_known_only_for_cuda_devices_and_h200_is_not_mistaken_for_h100():
+    assert peak_flops(torch.device("cpu")) is None
+    names = [name for name, _ in PEAK_BF16]
+    assert names.index("H200") < names.index("H100") and names.index("H100 PCIe") < names.index("H100")
+
+
+def test_the_reference_model_computes_the_same_function_as_gpt_given_the_same_weights():
+    """The nanoGPT-style reference is the same model in another layout, so timing them compares implementations."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=False)
+    ours, reference = GPT(config).double().eval(), ReferenceGPT(config).double().eval()
+    with torch.no_grad():
+        reference.wte.weight.copy_(ours.wte.weight)
+        reference.wpe.weight.copy_(ours.wpe.weight)
+        reference.ln_f.weight.copy_(ours.ln_f.weight)
+        for block, theirs in zip(ours.blocks, reference.blocks):
+            attention = block.self_attn
+            theirs["c_attn"].weight.copy_(torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]))
+            theirs["c_proj"].weight.copy_(attention.out_proj.weight)
+            theirs["ln_1"].weight.copy_(block.norm1.weight)
+            theirs["ln_2"].weight.copy_(block.norm3.weight)
+            theirs["c_fc"].weight.copy_(block.feed_forward.linear1.weight)
+            theirs["mlp_proj"].weight.copy_(block.feed_forward.linear2.weight)
+    idx = torch.randint(0, 11, (3, 8))
+    ours_logits, ours_loss = ours(idx, idx)
+    theirs_logits, theirs_loss = reference(idx, idx)
+    torch.testing.assert_close(theirs_logits, ours_logits, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_runs_and_compares_on_a_tiny_shape(capsys):
+    assert main(["bench", "--quick", "--compare", "--rounds", "1", "--device", "cpu"]) == 0
+    output = capsys.readouterr().out
+    assert "tokens/s" in output and "nanoGPT-style reference" in output and "MFU" not in output
