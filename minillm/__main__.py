@@ -1,7 +1,7 @@
 """``python -m minillm <command>``: the command-line entry point.
 
 - ``pipeline``: the main job, every chapter's stage in order, resumable, with a summary.
-- ``pretrain gpt``: pretrain a GPT on a text file (``minillm.pretrain``).
+- ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on SST-2 text (``minillm.pretrain``).
 - ``generate``: sample from a pretrained run.
 - ``bench``: training throughput (and MFU on CUDA) of a GPT shape (``minillm.bench``).
 
@@ -24,11 +24,12 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     """command name -> (config class, function running it, one-line help)."""
     from minillm.bench import BenchConfig, run_bench
     from minillm.pipeline import PipelineConfig, run_pipeline
-    from minillm.pretrain import GenerateConfig, GPTPretrainConfig, generate, pretrain_gpt
+    from minillm.pretrain import BertPretrainConfig, GenerateConfig, GPTPretrainConfig, generate, pretrain_bert, pretrain_gpt
 
     return {
         "pipeline": (PipelineConfig, run_pipeline, "run the main job: every chapter's stage in order, resumable, with a summary"),
         "pretrain gpt": (GPTPretrainConfig, pretrain_gpt, "pretrain a GPT language model on a text file"),
+        "pretrain bert": (BertPretrainConfig, pretrain_bert, "pretrain a BERT (masked LM + next sentence) on SST-2 or a text file"),
         "generate": (GenerateConfig, generate, "sample text from a pretrained GPT run"),
         "bench": (BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape"),
     }

@@ -11,6 +11,10 @@
   :func:`split_train_val`, :func:`sample_lm_batch`, :func:`iter_lm_blocks`): token ids in a
   binary file opened as a numpy memmap, random (x, y) batches from a seedable generator, and
   every block in order for evaluation.
+- BERT pretraining (:func:`mask_tokens`, :func:`word_starts_from_tokens`, :func:`nsp_pairs`,
+  :func:`sst2_documents`, :func:`text_documents`, :func:`leak_free_split`): masked-LM
+  corruption (80/10/10, optionally whole words), next-sentence pairs, corpora cut into
+  documents of segments, and a validation split that does not leak into training.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import pathlib
+import random
 import re
 import tempfile
 import unicodedata
@@ -464,3 +469,269 @@ def iter_lm_blocks(ids: np.ndarray, block_size: int, batch_size: int,
     for first in range(0, n_blocks, batch_size):
         starts = np.arange(first, min(first + batch_size, n_blocks)) * block_size  # (B,)
         yield _blocks_at(ids, starts, block_size, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked language modelling and next-sentence prediction (BERT)
+# ---------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+"""The label of a position the loss skips: the default ``ignore_index`` of ``torch.nn.functional.cross_entropy``."""
+
+MLM_MASK_FRACTION = 0.8
+"""Of the positions selected for prediction, this fraction becomes ``[MASK]`` (Devlin et al., 2019)."""
+
+MLM_RANDOM_FRACTION = 0.1
+"""Of the selected positions, this fraction becomes a random token; the remaining 0.1 keep their token."""
+
+NSP_IS_NEXT = 0
+"""Next-sentence label: B is the segment that follows A (Hugging Face's ``next_sentence_label`` 0)."""
+
+NSP_NOT_NEXT = 1
+"""Next-sentence label: B is a random segment from another document."""
+
+
+def mask_tokens(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, special_token_ids: Sequence[int],
+                mlm_probability: float = 0.15, generator: torch.Generator | None = None,
+                word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masked-language-model corruption: ``(masked_ids, labels)``, both shaped like ``input_ids``.
+
+    The recipe (Devlin et al., 2019, section 3.1 and appendix A.1): every position whose id is
+    not in ``special_token_ids`` is *selected* independently with probability ``mlm_probability``
+    (BERT: 0.15). A selected position becomes ``mask_token_id`` with probability 0.8, a random
+    token with probability 0.1, and keeps its token with probability 0.1, so that the model
+    cannot tell which positions it will be asked about and must represent every token well.
+    ``labels`` holds the original id at the selected positions and -100 (:data:`IGNORE_INDEX`)
+    elsewhere: ``cross_entropy(logits.view(-1, V), labels.view(-1))`` averages over the selected
+    positions only, the unchanged ones included.
+
+    ``special_token_ids`` are never selected and never changed: pass padding, ``[CLS]``,
+    ``[SEP]``, ``[MASK]`` and (usually) ``[UNK]``; ``mask_token_id`` must be among them. A random
+    replacement is drawn uniformly from the ids ``0 .. vocab_size-1`` that are *not* special, so
+    noise is never a ``[PAD]`` or ``[CLS]`` (Hugging Face's ``DataCollatorForLanguageModeling``
+    draws from the whole vocabulary, specials included).
+
+    Whole-word masking (the May 2019 update of Google's BERT; Cui et al., 2019): with
+    ``word_starts`` (bool, the shape of ``input_ids``, True where a token begins a word, i.e. is
+    not a WordPiece ``##`` continuation; see :func:`word_starts_from_tokens`), the unit is the
+    *word*: a non-special start token and the non-start, non-special tokens after it along the
+    last dimension. A word is selected with probability ``mlm_probability`` and the 80/10/10
+    choice is made once for it: all its pieces become ``[MASK]``, or all become random tokens
+    (each piece its own draw), or all keep their tokens. A continuation piece at the start of a
+    row or right after a special token begins a word of its own.
+
+    Randomness: three CPU draws of ``input_ids.numel()`` values each, in row-major order, always
+    all of them, so the result is a fixed function of the state of ``generator`` (torch's global
+    generator if None) and every call advances it by the same amount:
+
+    1. ``u = torch.rand(shape)``: position i is selected iff ``u[i] < mlm_probability``;
+    2. ``v = torch.rand(shape)``: ``[MASK]`` if ``v[i] < 0.8``, random if ``0.8 <= v[i] < 0.9``, else kept;
+    3. ``r = torch.randint(n_nonspecial, shape)``: the random token is the ``r[i]``-th non-special id.
+
+    With ``word_starts``, every piece of a word reads ``u`` and ``v`` at the word's first piece.
+    The inputs are not modified; the outputs have ``input_ids``' dtype and device.
+    """
+    if not 0.0 <= mlm_probability <= 1.0:
+        raise ValueError(f"mlm_probability must be between 0 and 1, got {mlm_probability}")
+    if input_ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be a tensor of signed integer token ids, got dtype {input_ids.dtype}")
+    special = torch.tensor(sorted({int(i) for i in special_token_ids}), dtype=torch.long)
+    if mask_token_id not in special.tolist():
+        raise ValueError(f"mask_token_id {mask_token_id} must be one of special_token_ids, so that [MASK] is never selected itself")
+    vocab = torch.arange(vocab_size)
+    replacements = vocab[~torch.isin(vocab, special)]  # (n_nonspecial,): the ids a random replacement is drawn from
+    if len(replacements) == 0:
+        raise ValueError(f"vocab_size {vocab_size} leaves no non-special id to draw random replacements from")
+    if word_starts is not None and word_starts.shape != input_ids.shape:
+        raise ValueError(f"word_starts must have the shape of input_ids, {tuple(input_ids.shape)}, got {tuple(word_starts.shape)}")
+
+    ids = input_ids.detach().cpu()
+    shape = ids.shape
+    u = torch.rand(shape, generator=generator)  # selection
+    v = torch.rand(shape, generator=generator)  # [MASK] / random / kept
+    r = torch.randint(len(replacements), shape, generator=generator)  # which random token
+    maskable = ~torch.isin(ids, special)
+
+    if word_starts is not None and ids.numel() > 0:
+        length = shape[-1] if ids.dim() else 1
+        rows = (ids.numel() // length, length)  # (N, T): every row is one sequence
+        maskable_rows = maskable.reshape(rows)
+        after_maskable = torch.cat([torch.zeros(rows[0], 1, dtype=torch.bool), maskable_rows[:, :-1]], dim=1)
+        begins = maskable_rows & (word_starts.detach().cpu().to(torch.bool).reshape(rows) | ~after_maskable)
+        positions = torch.arange(length).expand(rows)
+        first_piece = torch.where(begins, positions, 0).cummax(dim=1).values  # (N, T): where each position's word begins
+        u = u.reshape(rows).gather(1, first_piece).reshape(shape)
+        v = v.reshape(rows).gather(1, first_piece).reshape(shape)
+
+    selected = maskable & (u < mlm_probability)
+    to_mask = selected & (v < MLM_MASK_FRACTION)
+    to_random = selected & (v >= MLM_MASK_FRACTION) & (v < MLM_MASK_FRACTION + MLM_RANDOM_FRACTION)
+    masked = ids.clone()
+    masked[to_mask] = mask_token_id
+    masked[to_random] = replacements[r[to_random]].to(ids.dtype)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[selected] = ids[selected]
+    return masked.to(input_ids.device), labels.to(input_ids.device)
+
+
+def word_starts_from_tokens(token_strings: Sequence[str] | Sequence[Sequence[str]]) -> torch.Tensor:
+    """For :func:`mask_tokens`' whole-word masking: True where a WordPiece token begins a word.
+
+    Every token that does not start with ``##`` begins a word; special tokens and padding are
+    marked True too (``mask_tokens`` excludes them through their ids anyway). One list of token
+    strings (say, ``tokenizer.encode(text).tokens``) gives a (T,) bool tensor; a list of equally
+    long lists gives (B, T).
+    """
+    if len(token_strings) and not isinstance(token_strings[0], str):
+        lengths = {len(row) for row in token_strings}
+        if len(lengths) > 1:
+            raise ValueError(f"the rows of token_strings must have one length (pad them), got lengths {sorted(lengths)}")
+        return torch.tensor([[not token.startswith("##") for token in row] for row in token_strings], dtype=torch.bool)
+    return torch.tensor([not token.startswith("##") for token in token_strings], dtype=torch.bool)
+
+
+def _python_rng(generator: torch.Generator | random.Random | int | None) -> random.Random:
+    """A ``random.Random``: the one given, one seeded with the int given, or one seeded with a 63-bit
+    draw from the ``torch.Generator`` given (torch's global generator if None)."""
+    if isinstance(generator, random.Random):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return random.Random(generator)
+    if generator is None or isinstance(generator, torch.Generator):
+        return random.Random(int(torch.randint(2**63 - 1, (), generator=generator)))
+    raise TypeError(f"generator must be a random.Random, an int seed, a torch.Generator or None, got {type(generator).__name__}")
+
+
+def nsp_pairs(documents: Sequence[Sequence[Sequence[int]]], max_length: int, *, cls_id: int, sep_id: int,
+              generator: torch.Generator | random.Random | int | None = None,
+              short_seq_prob: float = 0.0) -> list[tuple[list[int], list[int], int]]:
+    """BERT's next-sentence-prediction examples: a list of ``(input_ids, token_type_ids, label)``.
+
+    ``documents[d][s]`` is segment s (a sentence, a line, half a phrase; a list of token ids) of
+    document d; :func:`text_documents` and :func:`sst2_documents` cut corpora into segments. For
+    every segment A that has a next segment in its document, in order (Devlin et al., 2019,
+    section 3.1): with probability 1/2, B is that next segment and the label is 0
+    (:data:`NSP_IS_NEXT`); otherwise B is a random segment of another document (the document
+    uniformly among the other non-empty ones, then the segment uniformly within it) and the
+    label is 1 (:data:`NSP_NOT_NEXT`). Labels follow Hugging Face's ``next_sentence_label``.
+
+    Each example is :func:`encode_pair`'s ``[CLS] A [SEP] B [SEP]``, token types 0 for
+    ``[CLS] A [SEP]`` and 1 for ``B [SEP]``, at most ``max_length`` ids: the longer side loses
+    tokens from its end (:func:`truncate_pair`). With ``short_seq_prob`` > 0 (BERT's
+    ``create_pretraining_data.py`` uses 0.1) that fraction of the examples gets a shorter limit,
+    ``3 + randint(2, max_length - 3)`` ids, so that the model also sees short inputs. Unlike
+    BERT's script, which fills each side with several sentences up to the target length, a side
+    here is one segment: the corpora of this course have short documents.
+
+    Randomness: a ``random.Random`` (Python's Mersenne Twister): ``generator`` itself (advanced
+    in place), one seeded with ``generator`` if it is an int, or one seeded with one 63-bit draw
+    from a ``torch.Generator`` (torch's global generator if None). For each A, in order:
+    ``rng.random() < 0.5`` means IsNext; otherwise ``rng.randrange`` picks the other document,
+    then the segment; then, if ``short_seq_prob`` > 0, ``rng.random() < short_seq_prob`` draws
+    the shorter limit with ``rng.randint``. The same seed gives the same examples.
+    """
+    if max_length < 3:
+        raise ValueError(f"max_length must be at least 3 to hold [CLS] and two [SEP], got {max_length}")
+    if not 0.0 <= short_seq_prob <= 1.0:
+        raise ValueError(f"short_seq_prob must be between 0 and 1, got {short_seq_prob}")
+    non_empty = [d for d, document in enumerate(documents) if len(document) > 0]
+    if len(non_empty) < 2:
+        raise ValueError(f"next-sentence prediction needs at least two non-empty documents to draw NotNext segments from, "
+                         f"got {len(non_empty)}")
+    rank = {d: k for k, d in enumerate(non_empty)}  # a document's place among the non-empty ones
+    rng = _python_rng(generator)
+    budget = max_length - 3  # ids left for A and B
+    examples = []
+    for d, document in enumerate(documents):
+        for s in range(len(document) - 1):
+            if rng.random() < 0.5:
+                b, label = document[s + 1], NSP_IS_NEXT
+            else:
+                other = rng.randrange(len(non_empty) - 1)
+                other = non_empty[other + (other >= rank[d])]  # uniform over the non-empty documents but d
+                b, label = documents[other][rng.randrange(len(documents[other]))], NSP_NOT_NEXT
+            limit = max_length
+            if short_seq_prob > 0.0 and rng.random() < short_seq_prob:
+                limit = 3 + rng.randint(min(2, budget), budget)
+            input_ids, token_type_ids = encode_pair(document[s], b, cls_id=cls_id, sep_id=sep_id, max_length=limit)
+            examples.append((input_ids, token_type_ids, label))
+    return examples
+
+
+def sst2_documents(phrases: Sequence[str], seed: int = 0, min_words: int = 2) -> list[list[str]]:
+    """SST-2 phrases as two-segment documents for next-sentence prediction.
+
+    SST-2's training set is 67,349 shuffled phrases with no document structure, so each phrase
+    of at least ``min_words`` whitespace-separated words becomes a document of two segments,
+    cut at a word boundary drawn uniformly with ``random.Random(seed).randint(1, n_words - 1)``
+    (one draw per kept phrase, in order): "B follows A" means B is the rest of A's phrase.
+    Shorter phrases are dropped; words are re-joined with single spaces.
+
+    Documents hold strings, not ids: tokenizing is the caller's job (WordPiece, BPE or
+    characters), and cutting at a word boundary in the text gives WordPiece the same pieces it
+    would give the whole phrase. (A byte-level BPE tokenizes B's first word without the leading
+    space it had inside the phrase.)
+    """
+    if min_words < 2:
+        raise ValueError(f"min_words must be at least 2 to cut a phrase into two segments, got {min_words}")
+    rng = random.Random(seed)
+    documents = []
+    for phrase in phrases:
+        words = phrase.split()
+        if len(words) >= min_words:
+            cut = rng.randint(1, len(words) - 1)
+            documents.append([" ".join(words[:cut]), " ".join(words[cut:])])
+    return documents
+
+
+def text_documents(text: str) -> list[list[str]]:
+    """A text cut into documents at blank lines, each document a list of its lines (the segments).
+
+    For Tiny Shakespeare a document is one speech: the speaker's name ("First Citizen:") and the
+    lines spoken. Lines are stripped of surrounding whitespace; a line holding only whitespace
+    counts as blank; line endings are normalized first (:data:`LINE_BREAKS`). Strings, not
+    ids, as in :func:`sst2_documents`: the caller tokenizes each segment.
+    """
+    documents, current = [], []
+    for line in LINE_BREAKS.sub("\n", text).split("\n"):
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            documents.append(current)
+            current = []
+    if current:
+        documents.append(current)
+    return documents
+
+
+def leak_free_split(texts: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A seeded random train/validation split in which no validation text occurs inside a training text.
+
+    SST-2's training phrases are nested pieces of the same parse trees ("a caricature" is part of
+    "become a caricature", which is part of a whole sentence), so a held-out phrase that is part of
+    a training phrase would let masked-LM accuracy on it measure memory rather than language.
+    First ``round(len(texts) * val_fraction)`` texts (at least 1, at most all but one) are picked
+    for validation with ``random.Random(seed).sample(range(len(texts)), n)``; then every picked
+    text that occurs as a substring of some unpicked text, both lowercased with whitespace runs
+    collapsed to one space, is moved to training. One pass suffices: a moved text lies inside a
+    training text, so whatever lies inside it does too.
+
+    The other direction leaks too: a held-out sentence *contains* its own phrases, and SST-2 has
+    them as separate training texts. So, finally, every training text that occurs inside a validation
+    text is dropped (on all of SST-2 with ``val_fraction=0.02`` that is a few thousand short phrases
+    of 67,349): neither split then holds a piece of the other.
+
+    Returns ``(train, val)``, each in the order of ``texts``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if len(texts) < 2:
+        raise ValueError(f"cannot split {len(texts)} text(s) into training and validation sets")
+    n_val = min(max(round(len(texts) * val_fraction), 1), len(texts) - 1)
+    picked = set(random.Random(seed).sample(range(len(texts)), n_val))
+    keys = [" ".join(text.lower().split()) for text in texts]  # no key contains "\n" ...
+    training_text = "\n".join(key for i, key in enumerate(keys) if i not in picked)  # ... so no match spans two texts
+    in_val = [i in picked and keys[i] not in training_text for i in range(len(texts))]
+    validation_text = "\n".join(key for key, v in zip(keys, in_val) if v)
+    train = [text for text, key, v in zip(texts, keys, in_val) if not v and key not in validation_text]
+    return train, [text for text, v in zip(texts, in_val) if v]

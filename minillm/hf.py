@@ -1,19 +1,27 @@
 """Hugging Face interop: read and write transformers checkpoints without transformers installed.
 
-A Hugging Face GPT-2 checkpoint is a folder with two files that matter, as
-``GPT2LMHeadModel.save_pretrained`` writes it:
+Two models are covered: GPT-2 (``GPT2LMHeadModel`` <-> :class:`~minillm.gpt.GPT`) and BERT with
+its pretraining heads (``BertForPreTraining`` <-> :class:`~minillm.bert.BertForPreTraining`).
+A Hugging Face checkpoint is a folder with two files that matter, as ``save_pretrained`` writes it:
 
-- ``config.json``: the sizes (``vocab_size``, ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``,
-  ``n_inner``, ``layer_norm_epsilon``, ``activation_function``, ``tie_word_embeddings``, ...);
+- ``config.json``: the sizes and choices of the model (``model_type`` says which model it is);
 - ``model.safetensors``: the tensors, by name (or ``model.safetensors.index.json`` and shards of
   it, for big models). Nothing here reads ``pytorch_model.bin``: it is a pickle, and unpickling a
   downloaded file can run any code the file asks for.
 
-:func:`load_gpt2` turns such a folder into a :class:`~minillm.gpt.GPT`, and :func:`save_gpt2`
-writes a ``GPT`` as a folder that ``transformers.GPT2LMHeadModel.from_pretrained`` loads with
-the same logits. Only torch, safetensors and the standard library are used: transformers is
-needed only by the tests, which check both directions against it.
+:func:`load_gpt2` / :func:`load_bert` turn such a folder into a minillm model, and
+:func:`save_gpt2` / :func:`save_bert` write a minillm model as a folder that transformers'
+``from_pretrained`` loads with the same logits. Only torch, safetensors and the standard library
+are used: transformers is needed only by the tests, which check both directions against it.
+Both readers are strict: a config minillm cannot build, or a missing, extra or mis-shaped tensor,
+is a :class:`~minillm.MinillmError` that names the key or the tensor, never a model that quietly
+computes something else.
 
+GPT-2
+-----
+
+``config.json`` keys read: ``vocab_size``, ``n_positions``, ``n_embd``, ``n_layer``, ``n_head``,
+``n_inner``, ``layer_norm_epsilon``, ``activation_function``, ``tie_word_embeddings``, ...
 The name mapping (C = n_embd, V = vocab_size, P = n_positions = block_size)::
 
     Hugging Face GPT-2                      shape      minillm GPT                                  shape
@@ -49,8 +57,68 @@ transformers and in :class:`~minillm.attention.MultiHeadAttention` alike, so the
 ``GPT2Model`` (and OpenAI's original upload on the Hub) saves them without: both are read.
 Old checkpoints also hold the causal-mask buffers ``h.{i}.attn.bias`` and ``h.{i}.attn.masked_bias``,
 which are not weights and are skipped. With tied embeddings (GPT-2's default) ``lm_head.weight``
-is the token embedding and is neither needed nor written; transformers ignores a stored copy
-when the config says the weights are tied, and so does :func:`load_gpt2`.
+is the token embedding and is neither needed nor written. A stored copy is accepted when it equals
+``wte.weight`` and refused otherwise: transformers 4 ignored such a copy, but transformers 5 loads
+it as a separate output matrix, so a differing copy means different logits in different versions,
+and a tied GPT can hold only one matrix.
+
+BERT
+----
+
+``config.json`` keys read (``transformers.BertConfig``'s; a missing key takes its default):
+``vocab_size``, ``hidden_size`` (-> ``n_embd``), ``num_hidden_layers`` (-> ``n_layer``),
+``num_attention_heads`` (-> ``n_head``), ``intermediate_size`` (-> ``d_ff``; 4·hidden_size is
+written as minillm's ``d_ff=0``, "four times n_embd"), ``hidden_act`` (``"gelu"`` -> ``"gelu"``,
+the exact GELU; ``"gelu_new"`` and ``"gelu_pytorch_tanh"`` -> ``"gelu_tanh"``; ``"relu"`` ->
+``"relu"``), ``max_position_embeddings`` (-> ``max_len``), ``type_vocab_size``, ``layer_norm_eps``,
+``pad_token_id`` (-> ``pad_id``). Refused, because minillm's BERT would compute something else:
+any other ``hidden_act``, a ``position_embedding_type`` other than ``"absolute"`` (relative
+positions), ``is_decoder`` or ``add_cross_attention`` (a causal or cross-attending BERT),
+``tie_word_embeddings: false`` (minillm's masked-LM decoder *is* the word embedding matrix) and a
+null ``pad_token_id``. The two dropout rates ``hidden_dropout_prob`` and
+``attention_probs_dropout_prob`` are a training choice: :func:`load_bert` uses its ``dropout``
+argument, and :func:`save_bert` writes the model's one ``dropout`` as both.
+
+The name mapping (H = hidden_size = n_embd, I = intermediate_size, V = vocab_size,
+P = max_position_embeddings = max_len, S = type_vocab_size). Every matrix is an ``nn.Linear`` or
+an ``nn.Embedding`` on both sides, so tensors move unchanged, only renamed: no transpose, no split::
+
+    Hugging Face BertForPreTraining                              minillm BertForPreTraining                 shape
+    bert.embeddings.word_embeddings.weight                       bert.embeddings.word_embeddings.weight     (V, H)
+    bert.embeddings.position_embeddings.weight                   bert.embeddings.position_embeddings.weight (P, H)
+    bert.embeddings.token_type_embeddings.weight                 bert.embeddings.token_type_embeddings.weight (S, H)
+    bert.embeddings.LayerNorm.{weight,bias}                      bert.embeddings.norm.{weight,bias}         (H,)
+    bert.encoder.layer.{i}.attention.self.query.{weight,bias}    bert.layers.{i}.self_attn.q_proj.*         (H, H), (H,)
+    bert.encoder.layer.{i}.attention.self.key.{weight,bias}      bert.layers.{i}.self_attn.k_proj.*         (H, H), (H,)
+    bert.encoder.layer.{i}.attention.self.value.{weight,bias}    bert.layers.{i}.self_attn.v_proj.*         (H, H), (H,)
+    bert.encoder.layer.{i}.attention.output.dense.{weight,bias}  bert.layers.{i}.self_attn.out_proj.*       (H, H), (H,)
+    bert.encoder.layer.{i}.attention.output.LayerNorm.*          bert.layers.{i}.norm1.*  (after attention) (H,)
+    bert.encoder.layer.{i}.intermediate.dense.{weight,bias}      bert.layers.{i}.feed_forward.linear1.*     (I, H), (I,)
+    bert.encoder.layer.{i}.output.dense.{weight,bias}            bert.layers.{i}.feed_forward.linear2.*     (H, I), (H,)
+    bert.encoder.layer.{i}.output.LayerNorm.*                    bert.layers.{i}.norm2.*  (after the FFN)   (H,)
+    bert.pooler.dense.{weight,bias}                              bert.pooler.{weight,bias}                  (H, H), (H,)
+    cls.predictions.transform.dense.{weight,bias}                mlm_dense.{weight,bias}                    (H, H), (H,)
+    cls.predictions.transform.LayerNorm.{weight,bias}            mlm_norm.{weight,bias}                     (H,)
+    cls.predictions.bias                                         mlm_bias                                   (V,)
+    cls.predictions.decoder.weight (tied: not written)           = bert.embeddings.word_embeddings.weight   (V, H)
+    cls.predictions.decoder.bias   (tied: not written)           = mlm_bias                                 (V,)
+    cls.seq_relationship.{weight,bias}                           nsp_head.{weight,bias}                     (2, H), (2,)
+
+**Tied tensors and leftovers.** ``save_pretrained`` leaves out the two tied tensors
+``cls.predictions.decoder.weight`` (the word embeddings) and ``cls.predictions.decoder.bias``
+(``cls.predictions.bias``), and so does :func:`save_bert`. When a folder stores them anyway they
+must equal what they are tied to: transformers 5 then loads them as separate parameters, and a
+copy that differs would make its model compute other logits than minillm's tied one, so such a
+folder is refused; a folder with only ``cls.predictions.decoder.bias`` has it read as
+``mlm_bias``. Checkpoints converted from Google's TensorFlow releases name LayerNorm parameters
+``gamma`` and ``beta`` (read as ``weight`` and ``bias``, as transformers does), and older
+transformers versions saved the buffer ``bert.embeddings.position_ids`` (0, 1, 2, ..., not a
+weight: skipped).
+
+**Encoder-only folders are refused.** ``BertModel`` (names without ``bert.``) and fine-tuned
+models (``BertForSequenceClassification``, ...) have no ``cls.`` pretraining heads; :func:`load_bert`
+returns a ``BertForPreTraining`` and will not invent a masked-LM and a next-sentence head for
+them, so it refuses such a folder with a message that says so.
 """
 
 from __future__ import annotations
@@ -59,12 +127,14 @@ import json
 import os
 import pathlib
 import re
+from typing import Callable
 
 import safetensors
 import safetensors.torch
 import torch
 
 from minillm import MinillmError
+from minillm.bert import BertConfig, BertForPreTraining
 from minillm.checkpoint import atomic_write_bytes, atomic_write_text
 from minillm.gpt import GPT, GPTConfig
 
@@ -72,6 +142,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Which reader takes which config.json "model_type", for the message when a folder reaches the wrong one.
+READERS = {"gpt2": "load_gpt2 (GPT.from_hf)", "bert": "load_bert (BertForPreTraining.from_hf)"}
 
 # What transformers.GPT2Config assumes for a key config.json leaves out (OpenAI's own upload
 # has no n_inner or tie_word_embeddings, for instance): a missing key means the same here.
@@ -98,34 +171,48 @@ GPT2_VOCAB_SIZE, GPT2_END_OF_TEXT = 50257, 50256  # OpenAI's tokenizer and its <
 # The causal-mask buffers older transformers versions saved with the weights; not parameters.
 LEGACY_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
+# What transformers.BertConfig assumes for a key config.json leaves out (BERT-base's sizes).
+BERT_CONFIG_DEFAULTS = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+    "position_embedding_type": "absolute",
+    "is_decoder": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+# transformers' hidden_act -> minillm's BertConfig.activation. On save the tanh GELU is written as
+# "gelu_pytorch_tanh", the name of the very kernel minillm runs (F.gelu(approximate="tanh")).
+BERT_ACTIVATIONS_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+BERT_ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+# The tied tensors of BertForPreTraining (name -> the tensor it is tied to), which save_pretrained leaves out.
+BERT_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+             "cls.predictions.decoder.bias": "cls.predictions.bias"}
+# A buffer (0, 1, ..., P-1) that transformers versions before 4.31 saved with the weights; not a parameter.
+BERT_LEGACY_BUFFER = "bert.embeddings.position_ids"
+# TensorFlow-era LayerNorm names: gamma is the gain (weight), beta the shift (bias).
+BERT_LEGACY_NORM = re.compile(r"(.*LayerNorm)\.(gamma|beta)")
+
 
 # ---------------------------------------------------------------------------------------------
-# Reading
+# Reading: what both models share
 # ---------------------------------------------------------------------------------------------
 
 
-def load_gpt2(directory: str | os.PathLike, dropout: float = 0.0) -> GPT:
-    """A :class:`~minillm.gpt.GPT` with the weights of a Hugging Face GPT-2 folder.
-
-    ``directory`` holds ``config.json`` and ``model.safetensors`` (or a sharded
-    ``model.safetensors.index.json``), e.g. what ``GPT2LMHeadModel.save_pretrained`` writes or
-    a download of ``openai-community/gpt2``. ``dropout`` is the new model's dropout (the
-    checkpoint's ``*_pdrop`` values are a training choice, not part of the weights). The
-    parameters are float32 whatever the file stores (half-precision tensors are upcast). The model
-    comes back in training mode, like any new ``nn.Module``; call ``.eval()`` before inference
-    when ``dropout`` > 0. Every problem with the folder (missing files, an architecture GPT-2
-    variant minillm does not build, a missing, extra or mis-shaped tensor) is a :class:`MinillmError`.
-    """
+def checkpoint_folder(directory: str | os.PathLike, model_name: str) -> pathlib.Path:
+    """``directory`` as a path, after checking it is a folder (the first thing each reader checks)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-        raise MinillmError(f"{directory} is not a directory: a Hugging Face GPT-2 checkpoint is a folder "
+        raise MinillmError(f"{directory} is not a directory: a Hugging Face {model_name} checkpoint is a folder "
                            f"with {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config = gpt2_config_from_hf(read_hf_config(directory), dropout=dropout, source=directory / CONFIG_NAME)
-    tensors = read_safetensors_weights(directory)
-    state = gpt2_state_from_hf(tensors, config, source=directory)
-    model = GPT(config)
-    model.load_state_dict(state)  # strict: every parameter is set (the shapes were checked above)
-    return model
+    return directory
 
 
 def read_hf_config(directory: pathlib.Path) -> dict:
@@ -142,41 +229,21 @@ def read_hf_config(directory: pathlib.Path) -> dict:
     return values
 
 
-def gpt2_config_from_hf(hf_config: dict, dropout: float = 0.0, source: object = CONFIG_NAME) -> GPTConfig:
-    """The :class:`~minillm.gpt.GPTConfig` of a GPT-2 ``config.json``; refuses what minillm's GPT cannot build.
+def check_model_type(hf_config: dict, expected: str, model_name: str, source: object) -> None:
+    """Refuse a ``config.json`` whose ``model_type`` is not ``expected`` (a missing one is taken as ``expected``),
+    pointing to the reader that takes it when minillm has one."""
+    model_type = hf_config.get("model_type", expected)
+    if model_type != expected:
+        other = f"; use {READERS[model_type]} for it" if model_type in READERS else ""
+        raise MinillmError(f"{source} describes a {model_type!r} model, but {READERS[expected]} reads only "
+                           f"{model_name} (model_type {expected!r}){other}")
 
-    Missing keys take ``transformers.GPT2Config``'s defaults. minillm's GPT has a 4·n_embd MLP,
-    the tanh-approximated GELU and 1/sqrt(head_dim) attention scaling, so configs that ask for
-    anything else are refused rather than loaded into a model that would compute something different.
+
+def read_safetensors_weights(directory: pathlib.Path, hf_class: str = "GPT2LMHeadModel") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, from ``model.safetensors`` or the shards its index lists.
+
+    ``hf_class`` is the transformers class named in the advice given for a pickle-only folder.
     """
-    values = {**GPT2_CONFIG_DEFAULTS, **hf_config}
-    model_type = hf_config.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise MinillmError(f"{source} describes a {model_type!r} model; load_gpt2 reads only GPT-2 (model_type 'gpt2')")
-    activation = values["activation_function"]
-    if activation not in ACTIVATIONS_FROM_HF:
-        raise MinillmError(f"{source} asks for activation_function {activation!r}, but minillm's GPT has GELU only "
-                           f"({', '.join(map(repr, ACTIVATIONS_FROM_HF))})")
-    n_embd = values["n_embd"]
-    if values["n_inner"] is not None and values["n_inner"] != 4 * n_embd:
-        raise MinillmError(f"{source} asks for an MLP width n_inner={values['n_inner']}, but minillm's GPT always "
-                           f"uses 4 * n_embd = {4 * n_embd}")
-    if not values["scale_attn_weights"] or values["scale_attn_by_inverse_layer_idx"]:
-        raise MinillmError(f"{source} changes the attention scaling (scale_attn_weights / "
-                           "scale_attn_by_inverse_layer_idx), which minillm's GPT does not support")
-    if values["add_cross_attention"]:
-        raise MinillmError(f"{source} adds cross-attention, which a decoder-only GPT does not have")
-    try:
-        return GPTConfig(vocab_size=values["vocab_size"], block_size=values["n_positions"], n_layer=values["n_layer"],
-                         n_head=values["n_head"], n_embd=n_embd, dropout=dropout, bias=True, positions="learned",
-                         tie_weights=bool(values["tie_word_embeddings"]),
-                         layer_norm_eps=float(values["layer_norm_epsilon"]), activation=ACTIVATIONS_FROM_HF[activation])
-    except (TypeError, ValueError) as error:
-        raise MinillmError(f"{source} does not describe a valid GPT: {error}") from error
-
-
-def read_safetensors_weights(directory: pathlib.Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, from ``model.safetensors`` or the shards its index lists."""
     single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
     if single.is_file():
         return _load_safetensors_file(single)
@@ -198,7 +265,7 @@ def read_safetensors_weights(directory: pathlib.Path) -> dict[str, torch.Tensor]
     if pickles:
         raise MinillmError(f"{directory} has only {pickles[0]}, a pickle file, and minillm reads only safetensors "
                            "because unpickling a downloaded file can run arbitrary code; convert it once with "
-                           "transformers: GPT2LMHeadModel.from_pretrained(folder).save_pretrained(new_folder) "
+                           f"transformers: {hf_class}.from_pretrained(folder).save_pretrained(new_folder) "
                            "writes model.safetensors")
     raise MinillmError(f"{directory} has no {WEIGHTS_NAME} (nor a sharded {WEIGHTS_INDEX_NAME})")
 
@@ -210,6 +277,134 @@ def _load_safetensors_file(path: pathlib.Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(path)  # tensors and a JSON header only: nothing is unpickled
     except (OSError, safetensors.SafetensorError) as error:
         raise MinillmError(f"cannot read {path} as safetensors: {error}") from error
+
+
+def index_tensors(tensors: dict[str, torch.Tensor], canonical_name: Callable[[str], str], source: object
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors under their canonical names (prefix dropped, legacy names renamed), and for each
+    canonical name the key it had in the file (for error messages); two keys with one name are refused."""
+    by_name: dict[str, torch.Tensor] = {}
+    stored_as: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        name = canonical_name(key)
+        if name in by_name:
+            raise MinillmError(f"{source} holds both {stored_as[name]!r} and {key!r}, the same tensor twice")
+        by_name[name], stored_as[name] = tensor, key
+    return by_name, stored_as
+
+
+def _and_more(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def check_names_and_shapes(by_name: dict[str, torch.Tensor], stored_as: dict[str, str],
+                           expected: dict[str, tuple[int, ...]], skipped: Callable[[str], bool], source: object,
+                           described: str, layout: str) -> None:
+    """One :class:`MinillmError` naming the first missing, extra or mis-shaped tensor, if any.
+
+    ``expected`` maps canonical names to shapes; ``skipped(name)`` says which stored names are not
+    needed and not wrong either (buffers, tied copies); ``described`` is the model ("a GPT-2 with
+    n_layer=2 ...") and ``layout`` the storage convention quoted when a shape is wrong.
+    """
+    missing = [name for name in expected if name not in by_name]
+    if missing:
+        raise MinillmError(f"{source} has no tensor {missing[0]!r}{_and_more(missing)}, which {described} needs")
+    extra = [stored_as[name] for name in by_name if name not in expected and not skipped(name)]
+    if extra:
+        raise MinillmError(f"{source} holds a tensor {extra[0]!r}{_and_more(extra)} that {described} does not have: "
+                           "does config.json match the weights?")
+    for name, shape in expected.items():
+        if tuple(by_name[name].shape) != shape:
+            raise MinillmError(f"tensor {stored_as[name]!r} in {source} has shape {tuple(by_name[name].shape)}, "
+                               f"expected {shape} from config.json ({layout})")
+
+
+def check_tied_copy(by_name: dict[str, torch.Tensor], stored_as: dict[str, str], copy: str, original: str,
+                    source: object) -> None:
+    """A stored copy of a tied tensor must equal the tensor it is tied to (see the module docstring)."""
+    if copy in by_name and not torch.equal(by_name[copy], by_name[original]):
+        raise MinillmError(f"{source} holds {stored_as[copy]!r}, which differs from {stored_as[original]!r} although "
+                           "config.json ties them, and minillm's model can hold only one of the two")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: what both models share
+# ---------------------------------------------------------------------------------------------
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A fresh, contiguous CPU copy: safetensors refuses tensors that share memory (as tied weights
+    would) and writes only row-major ones (as a transpose is not)."""
+    return tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
+def write_hf_folder(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], hf_config: dict) -> pathlib.Path:
+    """Write ``model.safetensors`` then ``config.json`` into ``directory`` (created if needed), each atomically."""
+    directory = pathlib.Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MinillmError(f"cannot create the folder {directory}: {error}") from error
+    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2: reading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_gpt2(directory: str | os.PathLike, dropout: float = 0.0) -> GPT:
+    """A :class:`~minillm.gpt.GPT` with the weights of a Hugging Face GPT-2 folder.
+
+    ``directory`` holds ``config.json`` and ``model.safetensors`` (or a sharded
+    ``model.safetensors.index.json``), e.g. what ``GPT2LMHeadModel.save_pretrained`` writes or
+    a download of ``openai-community/gpt2``. ``dropout`` is the new model's dropout (the
+    checkpoint's ``*_pdrop`` values are a training choice, not part of the weights). The
+    parameters are float32 whatever the file stores (half-precision tensors are upcast). The model
+    comes back in training mode, like any new ``nn.Module``; call ``.eval()`` before inference
+    when ``dropout`` > 0. Every problem with the folder (missing files, an architecture GPT-2
+    variant minillm does not build, a missing, extra or mis-shaped tensor) is a :class:`MinillmError`.
+    """
+    directory = checkpoint_folder(directory, "GPT-2")
+    config = gpt2_config_from_hf(read_hf_config(directory), dropout=dropout, source=directory / CONFIG_NAME)
+    tensors = read_safetensors_weights(directory, hf_class="GPT2LMHeadModel")
+    state = gpt2_state_from_hf(tensors, config, source=directory)
+    model = GPT(config)
+    model.load_state_dict(state)  # strict: every parameter is set (the shapes were checked above)
+    return model
+
+
+def gpt2_config_from_hf(hf_config: dict, dropout: float = 0.0, source: object = CONFIG_NAME) -> GPTConfig:
+    """The :class:`~minillm.gpt.GPTConfig` of a GPT-2 ``config.json``; refuses what minillm's GPT cannot build.
+
+    Missing keys take ``transformers.GPT2Config``'s defaults. minillm's GPT has a 4·n_embd MLP,
+    the tanh-approximated GELU and 1/sqrt(head_dim) attention scaling, so configs that ask for
+    anything else are refused rather than loaded into a model that would compute something different.
+    """
+    check_model_type(hf_config, "gpt2", "GPT-2", source)
+    values = {**GPT2_CONFIG_DEFAULTS, **hf_config}
+    activation = values["activation_function"]
+    if activation not in ACTIVATIONS_FROM_HF:
+        raise MinillmError(f"{source} asks for activation_function {activation!r}, but minillm's GPT has GELU only "
+                           f"({', '.join(map(repr, ACTIVATIONS_FROM_HF))})")
+    n_embd = values["n_embd"]
+    if values["n_inner"] is not None and values["n_inner"] != 4 * n_embd:
+        raise MinillmError(f"{source} asks for an MLP width n_inner={values['n_inner']}, but minillm's GPT always "
+                           f"uses 4 * n_embd = {4 * n_embd}")
+    if not values["scale_attn_weights"] or values["scale_attn_by_inverse_layer_idx"]:
+        raise MinillmError(f"{source} changes the attention scaling (scale_attn_weights / "
+                           "scale_attn_by_inverse_layer_idx), which minillm's GPT does not support")
+    if values["add_cross_attention"]:
+        raise MinillmError(f"{source} adds cross-attention, which a decoder-only GPT does not have")
+    try:
+        return GPTConfig(vocab_size=values["vocab_size"], block_size=values["n_positions"], n_layer=values["n_layer"],
+                         n_head=values["n_head"], n_embd=n_embd, dropout=dropout, bias=True, positions="learned",
+                         tie_weights=bool(values["tie_word_embeddings"]),
+                         layer_norm_eps=float(values["layer_norm_epsilon"]), activation=ACTIVATIONS_FROM_HF[activation])
+    except (TypeError, ValueError) as error:
+        raise MinillmError(f"{source} does not describe a valid GPT: {error}") from error
 
 
 def gpt2_hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -241,32 +436,17 @@ def gpt2_state_from_hf(tensors: dict[str, torch.Tensor], config: GPTConfig, sour
     (after dropping the ``transformer.`` prefix and the legacy mask buffers), and raises one
     :class:`MinillmError` naming the offending tensor otherwise.
     """
-    by_name: dict[str, torch.Tensor] = {}
-    stored_as: dict[str, str] = {}  # name without prefix -> the key in the file, for error messages
-    for key, tensor in tensors.items():
-        name = key.removeprefix("transformer.")
-        if name in by_name:
-            raise MinillmError(f"{source} holds both {stored_as[name]!r} and {key!r}, the same tensor twice")
-        by_name[name], stored_as[name] = tensor, key
+    by_name, stored_as = index_tensors(tensors, lambda key: key.removeprefix("transformer."), source)
+    tied_copy = "lm_head.weight" if config.tie_weights else None  # tied: a stored copy must equal wte.weight
 
-    expected = gpt2_hf_shapes(config)
-    missing = [name for name in expected if name not in by_name]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise MinillmError(f"{source} has no tensor {missing[0]!r}{more}, which a GPT-2 with n_layer={config.n_layer} "
-                           f"and tie_word_embeddings={config.tie_weights} needs")
-    ignorable = {"lm_head.weight"} if config.tie_weights else set()  # tied: transformers ignores a stored copy
-    extra = [stored_as[name] for name in by_name
-             if name not in expected and name not in ignorable and not LEGACY_BUFFER.fullmatch(name)]
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise MinillmError(f"{source} holds a tensor {extra[0]!r}{more} that a GPT-2 with n_layer={config.n_layer} "
-                           "does not have: does config.json match the weights?")
-    for name, shape in expected.items():
-        if tuple(by_name[name].shape) != shape:
-            raise MinillmError(f"tensor {stored_as[name]!r} in {source} has shape {tuple(by_name[name].shape)}, "
-                               f"expected {shape} from config.json (GPT-2 stores projections as Conv1D weights, "
-                               "(in_features, out_features))")
+    def skipped(name: str) -> bool:
+        return name == tied_copy or LEGACY_BUFFER.fullmatch(name) is not None
+
+    check_names_and_shapes(by_name, stored_as, gpt2_hf_shapes(config), skipped, source,
+                           f"a GPT-2 with n_layer={config.n_layer} and tie_word_embeddings={config.tie_weights}",
+                           "GPT-2 stores projections as Conv1D weights, (in_features, out_features)")
+    if tied_copy is not None:
+        check_tied_copy(by_name, stored_as, tied_copy, "wte.weight", source)
 
     c = config.n_embd
     state = {"wte.weight": by_name["wte.weight"], "wpe.weight": by_name["wpe.weight"]}
@@ -294,7 +474,7 @@ def gpt2_state_from_hf(tensors: dict[str, torch.Tensor], config: GPTConfig, sour
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing
+# GPT-2: writing
 # ---------------------------------------------------------------------------------------------
 
 
@@ -311,14 +491,7 @@ def save_gpt2(model: GPT, directory: str | os.PathLike) -> pathlib.Path:
     """
     tensors = gpt2_state_to_hf(model)  # raises before the folder is touched
     hf_config = gpt2_config_to_hf(model.config, dtype=model.wte.weight.dtype)
-    directory = pathlib.Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MinillmError(f"cannot create the folder {directory}: {error}") from error
-    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
-    return directory
+    return write_hf_folder(directory, tensors, hf_config)
 
 
 def gpt2_config_to_hf(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -360,8 +533,7 @@ def gpt2_config_to_hf(config: GPTConfig, dtype: torch.dtype = torch.float32) -> 
 def gpt2_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     """A ``GPT``'s parameters under GPT-2's names and layout (the inverse of :func:`gpt2_state_from_hf`).
 
-    Every tensor is a fresh, contiguous CPU copy: safetensors refuses tensors that share memory
-    (as tied weights would) and writes only row-major ones (as a transpose is not). Missing biases
+    Every tensor is a fresh, contiguous CPU copy (see :func:`_owned`). Missing biases
     (``bias=False``) are written as zeros.
     """
     if not isinstance(model, GPT):
@@ -374,34 +546,216 @@ def gpt2_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
         raise MinillmError("the model's config says tie_weights=True but lm_head.weight is not wte.weight: "
                            "set config.tie_weights=False to write both matrices")
 
-    def owned(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
-
     def bias_of(layer: torch.nn.Module, size: int) -> torch.Tensor:
         if layer.bias is not None:
-            return owned(layer.bias)
+            return _owned(layer.bias)
         return torch.zeros(size, dtype=layer.weight.dtype)  # no bias is a zero bias
 
     c = config.n_embd
-    tensors = {"transformer.wte.weight": owned(model.wte.weight), "transformer.wpe.weight": owned(model.wpe.weight)}
+    tensors = {"transformer.wte.weight": _owned(model.wte.weight), "transformer.wpe.weight": _owned(model.wpe.weight)}
     for i, block in enumerate(model.blocks):
         layer = f"transformer.h.{i}."
         attention, feed_forward = block.self_attn, block.feed_forward
         for hf_norm, norm in (("ln_1", block.norm1), ("ln_2", block.norm3)):
-            tensors[f"{layer}{hf_norm}.weight"] = owned(norm.weight)
+            tensors[f"{layer}{hf_norm}.weight"] = _owned(norm.weight)
             tensors[f"{layer}{hf_norm}.bias"] = bias_of(norm, c)
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         qkv_weight = torch.cat([projection.weight for projection in projections], dim=0)  # (3C, C), rows q | k | v
-        tensors[layer + "attn.c_attn.weight"] = owned(qkv_weight.t())  # (C, 3C), Conv1D layout
+        tensors[layer + "attn.c_attn.weight"] = _owned(qkv_weight.t())  # (C, 3C), Conv1D layout
         tensors[layer + "attn.c_attn.bias"] = torch.cat([bias_of(projection, c) for projection in projections])  # (3C,)
-        tensors[layer + "attn.c_proj.weight"] = owned(attention.out_proj.weight.t())  # (C, C)
+        tensors[layer + "attn.c_proj.weight"] = _owned(attention.out_proj.weight.t())  # (C, C)
         tensors[layer + "attn.c_proj.bias"] = bias_of(attention.out_proj, c)
-        tensors[layer + "mlp.c_fc.weight"] = owned(feed_forward.linear1.weight.t())  # (4C, C) -> (C, 4C)
+        tensors[layer + "mlp.c_fc.weight"] = _owned(feed_forward.linear1.weight.t())  # (4C, C) -> (C, 4C)
         tensors[layer + "mlp.c_fc.bias"] = bias_of(feed_forward.linear1, 4 * c)
-        tensors[layer + "mlp.c_proj.weight"] = owned(feed_forward.linear2.weight.t())  # (C, 4C) -> (4C, C)
+        tensors[layer + "mlp.c_proj.weight"] = _owned(feed_forward.linear2.weight.t())  # (C, 4C) -> (4C, C)
         tensors[layer + "mlp.c_proj.bias"] = bias_of(feed_forward.linear2, c)
-    tensors["transformer.ln_f.weight"] = owned(model.ln_f.weight)
+    tensors["transformer.ln_f.weight"] = _owned(model.ln_f.weight)
     tensors["transformer.ln_f.bias"] = bias_of(model.ln_f, c)
     if not config.tie_weights:
-        tensors["lm_head.weight"] = owned(model.lm_head.weight)
+        tensors["lm_head.weight"] = _owned(model.lm_head.weight)
     return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: the name table, then reading and writing
+# ---------------------------------------------------------------------------------------------
+
+
+def bert_hf_names(config: BertConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The module docstring's BERT table: every tensor a ``BertForPreTraining`` checkpoint of these sizes
+    holds (tied copies left out) -> (the minillm ``state_dict`` name, the shape, the same on both sides)."""
+    h, width = config.n_embd, config.ff_width
+    names: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def linear(hf: str, ours: str, out_features: int, in_features: int) -> None:  # nn.Linear on both sides
+        names[hf + ".weight"] = (ours + ".weight", (out_features, in_features))
+        names[hf + ".bias"] = (ours + ".bias", (out_features,))
+
+    def layer_norm(hf: str, ours: str) -> None:
+        names[hf + ".weight"] = (ours + ".weight", (h,))
+        names[hf + ".bias"] = (ours + ".bias", (h,))
+
+    for table, rows in (("word_embeddings", config.vocab_size), ("position_embeddings", config.max_len),
+                        ("token_type_embeddings", config.type_vocab_size)):
+        names[f"bert.embeddings.{table}.weight"] = (f"bert.embeddings.{table}.weight", (rows, h))
+    layer_norm("bert.embeddings.LayerNorm", "bert.embeddings.norm")
+    for i in range(config.n_layer):
+        hf, ours = f"bert.encoder.layer.{i}.", f"bert.layers.{i}."
+        for hf_projection, projection in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            linear(f"{hf}attention.self.{hf_projection}", f"{ours}self_attn.{projection}", h, h)
+        linear(hf + "attention.output.dense", ours + "self_attn.out_proj", h, h)
+        layer_norm(hf + "attention.output.LayerNorm", ours + "norm1")  # post-norm: after the attention residual
+        linear(hf + "intermediate.dense", ours + "feed_forward.linear1", width, h)
+        linear(hf + "output.dense", ours + "feed_forward.linear2", h, width)
+        layer_norm(hf + "output.LayerNorm", ours + "norm2")  # after the feed-forward residual
+    linear("bert.pooler.dense", "bert.pooler", h, h)
+    linear("cls.predictions.transform.dense", "mlm_dense", h, h)
+    layer_norm("cls.predictions.transform.LayerNorm", "mlm_norm")
+    names["cls.predictions.bias"] = ("mlm_bias", (config.vocab_size,))
+    linear("cls.seq_relationship", "nsp_head", 2, h)
+    return names
+
+
+def load_bert(directory: str | os.PathLike, dropout: float = 0.0) -> BertForPreTraining:
+    """A :class:`~minillm.bert.BertForPreTraining` with the weights of a Hugging Face BERT folder.
+
+    ``directory`` holds ``config.json`` and ``model.safetensors`` (or a sharded index), as
+    ``transformers.BertForPreTraining.save_pretrained`` writes them or as ``google-bert/bert-base-uncased``
+    is downloaded: the encoder *and* both pretraining heads (``cls.``); an encoder-only folder is
+    refused (see the module docstring). ``dropout`` is the new model's dropout, whatever the
+    checkpoint's ``hidden_dropout_prob`` says. The parameters are float32 whatever the file stores.
+    The model comes back in training mode; call ``.eval()`` before inference when ``dropout`` > 0.
+    Every problem with the folder is a :class:`MinillmError`.
+    """
+    directory = checkpoint_folder(directory, "BERT")
+    config = bert_config_from_hf(read_hf_config(directory), dropout=dropout, source=directory / CONFIG_NAME)
+    tensors = read_safetensors_weights(directory, hf_class="BertForPreTraining")
+    state = bert_state_from_hf(tensors, config, source=directory)
+    model = BertForPreTraining(config)
+    model.load_state_dict(state)  # strict: every parameter is set (the shapes were checked above)
+    return model
+
+
+def bert_config_from_hf(hf_config: dict, dropout: float = 0.0, source: object = CONFIG_NAME) -> BertConfig:
+    """The :class:`~minillm.bert.BertConfig` of a BERT ``config.json``; refuses what minillm's BERT cannot build.
+
+    Missing keys take ``transformers.BertConfig``'s defaults; the mapping and what is refused are
+    in the module docstring.
+    """
+    check_model_type(hf_config, "bert", "BERT", source)
+    values = {**BERT_CONFIG_DEFAULTS, **hf_config}
+    activation = values["hidden_act"]
+    if not isinstance(activation, str) or activation not in BERT_ACTIVATIONS_FROM_HF:
+        raise MinillmError(f"{source} asks for hidden_act {activation!r}, which minillm's BERT does not have "
+                           f"(it reads {', '.join(map(repr, BERT_ACTIVATIONS_FROM_HF))})")
+    if values["position_embedding_type"] != "absolute":
+        raise MinillmError(f"{source} asks for position_embedding_type {values['position_embedding_type']!r}, but "
+                           "minillm's BERT has learned absolute position embeddings only ('absolute')")
+    if values["is_decoder"] or values["add_cross_attention"]:
+        raise MinillmError(f"{source} sets is_decoder or add_cross_attention, which make BERT a causal or "
+                           "cross-attending decoder, and minillm's BERT is a bidirectional encoder only")
+    if not values["tie_word_embeddings"]:
+        raise MinillmError(f"{source} sets tie_word_embeddings to false, but minillm's BERT always uses the word "
+                           "embeddings as its masked-LM decoder")
+    if values["pad_token_id"] is None:
+        raise MinillmError(f"{source} has pad_token_id null, but minillm's BERT needs a padding id (the token its "
+                           "default attention mask leaves out)")
+    hidden, intermediate = values["hidden_size"], values["intermediate_size"]
+    if not isinstance(intermediate, int) or intermediate < 1:
+        raise MinillmError(f"{source} has intermediate_size {intermediate!r}; it must be a positive integer")
+    try:
+        return BertConfig(vocab_size=values["vocab_size"], max_len=values["max_position_embeddings"],
+                          n_layer=values["num_hidden_layers"], n_head=values["num_attention_heads"], n_embd=hidden,
+                          d_ff=0 if intermediate == 4 * hidden else intermediate, dropout=dropout,
+                          type_vocab_size=values["type_vocab_size"], layer_norm_eps=float(values["layer_norm_eps"]),
+                          pad_id=values["pad_token_id"], activation=BERT_ACTIVATIONS_FROM_HF[activation])
+    except (TypeError, ValueError) as error:
+        raise MinillmError(f"{source} does not describe a valid BERT: {error}") from error
+
+
+def _bert_canonical_name(key: str) -> str:
+    legacy = BERT_LEGACY_NORM.fullmatch(key)  # ...LayerNorm.gamma -> ...LayerNorm.weight, beta -> bias
+    return f"{legacy[1]}.{'weight' if legacy[2] == 'gamma' else 'bias'}" if legacy else key
+
+
+def bert_state_from_hf(tensors: dict[str, torch.Tensor], config: BertConfig, source: object = WEIGHTS_NAME
+                       ) -> dict[str, torch.Tensor]:
+    """A ``BertForPreTraining`` checkpoint's tensors (HF names) -> a minillm ``BertForPreTraining.state_dict()``.
+
+    Checks first that the folder has the pretraining heads, that the names and shapes are exactly
+    those of :func:`bert_hf_names` (after the legacy renames; tied copies and the old
+    ``position_ids`` buffer aside), and that stored tied copies equal what they are tied to;
+    raises one :class:`MinillmError` naming the offending tensor otherwise.
+    """
+    by_name, stored_as = index_tensors(tensors, _bert_canonical_name, source)
+    if not any(name.startswith("cls.") for name in by_name):
+        raise MinillmError(f"{source} has no pretraining heads (no 'cls.' tensors), as a BertModel or a fine-tuned "
+                           "BERT folder has, and load_bert builds a BertForPreTraining whose masked-LM and "
+                           "next-sentence heads it will not invent")
+    output_bias, decoder_bias = BERT_TIED["cls.predictions.decoder.bias"], "cls.predictions.decoder.bias"
+    if output_bias not in by_name and decoder_bias in by_name:  # only the tied copy was stored: it is the bias
+        by_name[output_bias], stored_as[output_bias] = by_name.pop(decoder_bias), stored_as.pop(decoder_bias)
+    names = bert_hf_names(config)
+    check_names_and_shapes(by_name, stored_as, {hf: shape for hf, (_, shape) in names.items()},
+                           lambda name: name in BERT_TIED or name == BERT_LEGACY_BUFFER, source,
+                           f"a BertForPreTraining with num_hidden_layers={config.n_layer}",
+                           "BERT stores nn.Linear weights, (out_features, in_features)")
+    for copy, original in BERT_TIED.items():
+        check_tied_copy(by_name, stored_as, copy, original, source)
+    return {ours: by_name[hf] for hf, (ours, _) in names.items()}
+
+
+def save_bert(model: BertForPreTraining, directory: str | os.PathLike) -> pathlib.Path:
+    """Write ``model`` as a Hugging Face BERT folder; returns the folder.
+
+    ``config.json`` and ``model.safetensors`` come out as ``BertForPreTraining.save_pretrained``
+    writes them (the names of the module docstring's table, the tied decoder weight and bias left
+    out), so ``transformers.BertForPreTraining.from_pretrained(directory)`` gives the same MLM and
+    NSP logits, and :func:`load_bert` gives back the same model. Each file is written atomically,
+    the weights first; a model that is not a ``BertForPreTraining`` is refused before anything is written.
+    """
+    tensors = bert_state_to_hf(model)  # raises before the folder is touched
+    hf_config = bert_config_to_hf(model.config, dtype=model.bert.embeddings.word_embeddings.weight.dtype)
+    return write_hf_folder(directory, tensors, hf_config)
+
+
+def bert_config_to_hf(config: BertConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The ``config.json`` of a BERT with these sizes (the keys ``transformers.BertConfig`` reads)."""
+    return {
+        "model_type": "bert",
+        "architectures": ["BertForPreTraining"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "intermediate_size": config.ff_width,
+        "hidden_act": BERT_ACTIVATIONS_TO_HF[config.activation],
+        "hidden_dropout_prob": config.dropout,  # minillm has one dropout rate for both
+        "attention_probs_dropout_prob": config.dropout,
+        "max_position_embeddings": config.max_len,
+        "type_vocab_size": config.type_vocab_size,
+        "initializer_range": 0.02,
+        "layer_norm_eps": config.layer_norm_eps,
+        "pad_token_id": config.pad_id,
+        "position_embedding_type": "absolute",  # read by transformers 4; transformers 5 knows no other
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": True,
+        "classifier_dropout": None,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def bert_state_to_hf(model: BertForPreTraining) -> dict[str, torch.Tensor]:
+    """A ``BertForPreTraining``'s parameters under transformers' names (the inverse of :func:`bert_state_from_hf`),
+    each a fresh contiguous CPU copy; the tied decoder weight and bias are not written, as ``save_pretrained`` does."""
+    if not isinstance(model, BertForPreTraining):
+        raise MinillmError(f"save_bert writes a minillm BertForPreTraining, got {type(model).__name__}")
+    state = model.state_dict()
+    names = bert_hf_names(model.config)
+    mapped = {ours for ours, _ in names.values()}
+    if set(state) != mapped:  # the model's layout is not the one the table describes
+        odd = sorted(set(state) ^ mapped)
+        raise MinillmError(f"the model's tensor {odd[0]!r}{_and_more(odd)} does not match the Hugging Face "
+                           "BertForPreTraining layout save_bert writes (see minillm.hf)")
+    return {hf: _owned(state[ours]) for hf, (ours, _) in names.items()}

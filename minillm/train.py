@@ -146,6 +146,8 @@ class LanguageModelingTask:
     """Random (x, y) blocks of ``block_size`` tokens from ``train_ids``, y = x shifted by one;
     the loss is the model's mean next-token cross-entropy; validation reads ``val_ids``."""
 
+    loss_is_per_token = True  # a mean next-token cross-entropy: exp(loss) is a perplexity
+
     def __init__(self, train_ids: np.ndarray, val_ids: np.ndarray, block_size: int, eval_seed: int = 0):
         for name, ids in (("training", train_ids), ("validation", val_ids)):
             if len(ids) < block_size + 1:
@@ -446,8 +448,8 @@ class Trainer:
         val_loss = self.evaluate(None)
         result = TrainResult(step, state["best_step"], state["best_val_loss"], val_loss, seconds,
                              run_tokens / seconds if seconds else 0.0, stopped_early, out)
-        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}, "
-                   f"perplexity {result.val_perplexity:.2f}")
+        perplexity = f", perplexity {result.val_perplexity:.2f}" if getattr(self.task, "loss_is_per_token", False) else ""
+        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}")
         if self.dist.is_main:
             write_json(out / "results.json", {"steps": step, "best_step": result.best_step,
                                               "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import tempfile
 
 import pytest
@@ -36,8 +37,9 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 from minillm import MinillmError
+from minillm.bert import BertConfig, BertForPreTraining, BertForSequenceClassification
 from minillm.gpt import GPT, GPTConfig
-from minillm.hf import load_gpt2, save_gpt2
+from minillm.hf import load_bert, load_gpt2, save_bert, save_gpt2
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -169,12 +171,19 @@ def test_a_gpt2model_folder_without_prefix_and_with_legacy_mask_buffers_loads(tm
     torch.testing.assert_close(our_logits(load_gpt2(tmp_path).eval(), ids), hf_logits(reference, ids), **F32_TOL)
 
 
-def test_a_stored_copy_of_tied_embeddings_is_ignored_as_transformers_does(hf_folder):
+def test_an_equal_stored_copy_of_tied_embeddings_is_accepted(hf_folder):
     def add_a_copy_of_wte(tensors):
         tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
     edit_tensors(hf_folder, add_a_copy_of_wte)
     model = load_gpt2(hf_folder)
     assert model.lm_head.weight is model.wte.weight
+
+
+def test_a_differing_stored_copy_of_tied_embeddings_is_refused(hf_folder):
+    """transformers 5 would load it as a separate lm_head (other logits); a tied GPT cannot hold it."""
+    edit_tensors(hf_folder, lambda tensors: tensors.update({"lm_head.weight": torch.ones(50, 16)}))
+    with pytest.raises(MinillmError, match=r"'lm_head\.weight', which differs from 'transformer\.wte\.weight'"):
+        load_gpt2(hf_folder)
 
 
 def test_a_sharded_folder_loads(tmp_path):
@@ -367,4 +376,316 @@ def test_a_rotary_model_is_refused_before_anything_is_written(tmp_path):
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, positions="rotary"))
     with pytest.raises(MinillmError, match="positions='rotary'"):
         model.save_hf(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# =============================================================================================
+# BERT: transformers.BertForPreTraining <-> minillm.bert.BertForPreTraining
+# =============================================================================================
+
+
+def hf_bert(seed=0, vocab_size=40, max_positions=16, hidden=16, n_layer=2, n_head=2, intermediate=24,
+            type_vocab_size=2, activation="gelu"):
+    """A scrambled transformers BertForPreTraining, in eval mode (dropout 0.1 in its config)."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, hidden_size=hidden,
+                                     num_hidden_layers=n_layer, num_attention_heads=n_head,
+                                     intermediate_size=intermediate, type_vocab_size=type_vocab_size,
+                                     hidden_act=activation)
+    return scramble_(transformers.BertForPreTraining(config), seed).eval()
+
+
+def minillm_bert(seed=0, **overrides):
+    """A scrambled minillm BertForPreTraining, in eval mode."""
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=40, max_len=16, n_layer=2, n_head=2, n_embd=16, d_ff=24, dropout=0.1)
+    return scramble_(BertForPreTraining(BertConfig(**{**sizes, **overrides})), seed).eval()
+
+
+def bert_inputs(vocab_size, length, type_vocab_size=2, seed=0, batch=3):
+    """(input_ids, token_type_ids, attention_mask), each (batch, length): rows of random lengths
+    (the first full, every one at least 1 token) padded on the right with id 0, token type 0 and mask 0."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    attention_mask = (torch.arange(length) < lengths[:, None]).long()  # (batch, length), 1 at real tokens
+    ids = torch.randint(1, vocab_size, (batch, length), generator=generator) * attention_mask
+    token_types = torch.randint(0, type_vocab_size, (batch, length), generator=generator) * attention_mask
+    return ids, token_types, attention_mask
+
+
+def hf_bert_logits(model, inputs):
+    ids, token_types, attention_mask = inputs
+    with torch.no_grad():
+        output = model(input_ids=ids, token_type_ids=token_types, attention_mask=attention_mask)
+    return output.prediction_logits, output.seq_relationship_logits
+
+
+def our_bert_logits(model, inputs):
+    ids, token_types, attention_mask = inputs
+    with torch.no_grad():
+        output = model(ids, token_type_ids=token_types, attention_mask=attention_mask)
+    return output.mlm_logits, output.nsp_logits
+
+
+def assert_same_bert_logits(ours, theirs, inputs, tolerance):
+    """MLM logits at real (non-padding) tokens and NSP logits agree.
+
+    Padding positions are left out on purpose: no real token attends to them, so nothing a
+    model predicts depends on their hidden states, and implementations are free to compute them
+    differently (an unpadding attention kernel leaves them as garbage or zeros, an additive mask
+    lets them attend to the real tokens). NSP reads position 0, the [CLS] token, always real.
+    """
+    real = inputs[2].bool()  # (B, T)
+    (our_mlm, our_nsp), (their_mlm, their_nsp) = ours, theirs
+    torch.testing.assert_close(our_mlm[real], their_mlm[real], **tolerance)  # (n_real, V)
+    torch.testing.assert_close(our_nsp, their_nsp, **tolerance)  # (B, 2)
+
+
+def load_bert_with_transformers(directory):
+    """BertForPreTraining.from_pretrained, insisting that every tensor was found and used."""
+    model, info = transformers.BertForPreTraining.from_pretrained(directory, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@pytest.fixture
+def bert_folder(tmp_path) -> pathlib.Path:
+    """A valid save_pretrained folder of `hf_bert()`, for a test to edit."""
+    folder = tmp_path / "bert"
+    hf_bert().save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: transformers -> minillm
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu"])
+def test_a_bert_save_pretrained_folder_loads_with_the_same_logits(tmp_path, activation):
+    reference = hf_bert(activation=activation)
+    reference.save_pretrained(tmp_path)
+    model = BertForPreTraining.from_hf(tmp_path).eval()
+    expected = BertConfig(vocab_size=40, max_len=16, n_layer=2, n_head=2, n_embd=16, d_ff=24, dropout=0.0,
+                          activation={"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[activation])
+    assert model.config == expected
+    inputs = bert_inputs(40, 16)
+    assert_same_bert_logits(our_bert_logits(model, inputs), hf_bert_logits(reference, inputs), inputs, F32_TOL)
+    # In float64 the only differences left are summation orders.
+    assert_same_bert_logits(our_bert_logits(model.double(), inputs), hf_bert_logits(reference.double(), inputs),
+                            inputs, F64_TOL)
+
+
+@settings(max_examples=6, deadline=None)
+@given(n_layer=st.integers(1, 3), n_head=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 4, 8]),
+       intermediate=st.one_of(st.just(0), st.integers(1, 40)), vocab_size=st.integers(5, 60),
+       max_positions=st.integers(4, 12), type_vocab_size=st.integers(1, 3),
+       activation=st.sampled_from(["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]), seed=st.integers(0, 2**16))
+def test_any_bert_shape_loads_with_the_same_logits(n_layer, n_head, head_dim, intermediate, vocab_size, max_positions,
+                                                   type_vocab_size, activation, seed):
+    hidden = n_head * head_dim
+    reference = hf_bert(seed, vocab_size, max_positions, hidden, n_layer, n_head, intermediate or 4 * hidden,
+                        type_vocab_size, activation)
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model = load_bert(directory).eval()
+    assert model.config.ff_width == (intermediate or 4 * hidden)
+    inputs = bert_inputs(vocab_size, max_positions, type_vocab_size, seed)
+    assert_same_bert_logits(our_bert_logits(model.double(), inputs), hf_bert_logits(reference.double(), inputs),
+                            inputs, F64_TOL)
+
+
+def test_a_bert_folder_with_legacy_names_buffers_and_tied_copies_loads(tmp_path):
+    """TensorFlow-era LayerNorm gamma/beta, the old position_ids buffer, and the two tied copies stored."""
+    reference = hf_bert(seed=3)
+    tensors = {}
+    for key, value in reference.state_dict().items():
+        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        tensors[key] = value.clone(memory_format=torch.contiguous_format)  # the state dict has the tied copies
+    assert "cls.predictions.decoder.weight" in tensors and "cls.predictions.decoder.bias" in tensors
+    tensors["bert.embeddings.position_ids"] = torch.arange(16).unsqueeze(0)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(reference.config.to_json_string())
+    inputs = bert_inputs(40, 16, seed=3)
+    model = load_bert(tmp_path).eval()
+    assert_same_bert_logits(our_bert_logits(model, inputs), hf_bert_logits(reference, inputs), inputs, F32_TOL)
+
+
+def test_a_folder_with_only_the_tied_decoder_bias_reads_it_as_the_mlm_bias(bert_folder):
+    def rename_the_bias(tensors):
+        tensors["cls.predictions.decoder.bias"] = tensors.pop("cls.predictions.bias")
+    edit_tensors(bert_folder, rename_the_bias)
+    stored = load_file(bert_folder / "model.safetensors")["cls.predictions.decoder.bias"]
+    assert torch.equal(load_bert(bert_folder).mlm_bias.detach(), stored)
+
+
+@pytest.mark.parametrize("copy, original", [
+    ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+    ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+], ids=["decoder-weight", "decoder-bias"])
+def test_a_differing_stored_tied_copy_is_refused(bert_folder, copy, original):
+    """transformers 5 would use the copy for the MLM logits; minillm's tied model cannot hold it."""
+    edit_tensors(bert_folder, lambda tensors: tensors.update({copy: tensors[original] + 1.0}))
+    with pytest.raises(MinillmError, match=f"'{re.escape(copy)}', which differs from '{re.escape(original)}'"):
+        load_bert(bert_folder)
+
+
+def test_bert_dropout_is_the_callers_choice_not_the_checkpoints(bert_folder):
+    assert load_bert(bert_folder).config.dropout == 0.0  # the folder says 0.1 for both rates
+    assert load_bert(bert_folder, dropout=0.2).config.dropout == 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: minillm -> transformers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("d_ff", [0, 24], ids=["ff-4x", "ff-24"])
+def test_bert_save_hf_loads_into_transformers_with_the_same_logits(tmp_path, d_ff, activation):
+    model = minillm_bert(seed=1, d_ff=d_ff, activation=activation, type_vocab_size=3)
+    assert model.save_hf(tmp_path / "out") == tmp_path / "out"
+    reference = load_bert_with_transformers(tmp_path / "out")
+    config = reference.config
+    assert config.hidden_act == {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[activation]
+    assert config.intermediate_size == (d_ff or 64) and config.type_vocab_size == 3
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
+    inputs = bert_inputs(40, 16, type_vocab_size=3, seed=1)
+    assert_same_bert_logits(our_bert_logits(model, inputs), hf_bert_logits(reference, inputs), inputs, F32_TOL)
+
+
+@settings(max_examples=4, deadline=None)
+@given(n_layer=st.integers(1, 3), n_head=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 4, 8]),
+       d_ff=st.integers(0, 40), vocab_size=st.integers(5, 60), max_len=st.integers(4, 12),
+       type_vocab_size=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_bert_save_hf_of_any_shape_loads_into_transformers(n_layer, n_head, head_dim, d_ff, vocab_size, max_len,
+                                                           type_vocab_size, seed):
+    model = minillm_bert(seed, vocab_size=vocab_size, max_len=max_len, n_layer=n_layer, n_head=n_head,
+                         n_embd=n_head * head_dim, d_ff=d_ff, type_vocab_size=type_vocab_size)
+    with tempfile.TemporaryDirectory() as directory:
+        save_bert(model, directory)
+        reference = load_bert_with_transformers(directory)
+    inputs = bert_inputs(vocab_size, max_len, type_vocab_size, seed)
+    assert_same_bert_logits(our_bert_logits(model.double(), inputs), hf_bert_logits(reference.double(), inputs),
+                            inputs, F64_TOL)
+
+
+def test_bert_save_hf_writes_what_save_pretrained_writes(tmp_path):
+    """Same tensor names, shapes and values as transformers' own save of the loaded model: the tied
+    decoder weight and bias left out, no position_ids buffer."""
+    save_bert(minillm_bert(seed=2), tmp_path / "ours")
+    load_bert_with_transformers(tmp_path / "ours").save_pretrained(tmp_path / "theirs")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert not {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "bert.embeddings.position_ids"} & set(ours)
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_bert_save_hf_writes_a_config_transformers_reads_back(tmp_path):
+    save_bert(minillm_bert(pad_id=3, layer_norm_eps=1e-6, max_len=12, type_vocab_size=1), tmp_path)
+    config = transformers.BertConfig.from_pretrained(tmp_path)
+    assert (config.model_type, config.architectures, config.vocab_size, config.hidden_size, config.num_hidden_layers,
+            config.num_attention_heads, config.intermediate_size, config.max_position_embeddings,
+            config.type_vocab_size, config.layer_norm_eps, config.pad_token_id, config.tie_word_embeddings) == (
+        "bert", ["BertForPreTraining"], 40, 16, 2, 2, 24, 12, 1, 1e-6, 3, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: round trip
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(d_ff=0, activation="gelu_tanh", type_vocab_size=3, pad_id=1, layer_norm_eps=1e-6),
+    dict(activation="relu", n_layer=1, n_head=4),
+], ids=["default", "ff-4x-tanh-3-types", "relu-1-layer"])
+def test_bert_minillm_to_hf_to_minillm_is_bit_identical(tmp_path, overrides):
+    model = minillm_bert(seed=5, **overrides)
+    save_bert(model, tmp_path)
+    loaded = load_bert(tmp_path, dropout=model.config.dropout)
+    assert loaded.config == model.config
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(loaded_state[name], tensor), name
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: clear errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_missing_bert_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(MinillmError, match="is not a directory: a Hugging Face BERT checkpoint"):
+        BertForPreTraining.from_hf(tmp_path / "nowhere")
+
+
+def test_a_pickle_only_bert_folder_is_refused(bert_folder):
+    (bert_folder / "model.safetensors").unlink()
+    (bert_folder / "pytorch_model.bin").write_bytes(b"a pickle that must never be opened")
+    with pytest.raises(MinillmError, match=r"only pytorch_model\.bin, a pickle.*BertForPreTraining\.from_pretrained"):
+        load_bert(bert_folder)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_act": "silu"}, "hidden_act 'silu'"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type 'relative_key'"),
+    ({"is_decoder": True}, "is_decoder"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings to false"),
+    ({"pad_token_id": None}, "pad_token_id null"),
+    ({"num_attention_heads": 3}, "does not describe a valid BERT"),
+    ({"model_type": "roberta"}, "'roberta' model, but load_bert"),
+], ids=["silu", "relative-positions", "decoder", "untied", "no-pad-id", "n_head-not-dividing", "roberta"])
+def test_bert_configs_minillm_cannot_build_are_refused(bert_folder, changes, message):
+    edit_config(bert_folder, **changes)
+    with pytest.raises(MinillmError, match=message):
+        load_bert(bert_folder)
+
+
+def test_a_missing_bert_tensor_is_named(bert_folder):
+    edit_tensors(bert_folder, lambda tensors: tensors.pop("bert.encoder.layer.1.attention.self.key.bias"))
+    with pytest.raises(MinillmError, match=r"has no tensor 'bert\.encoder\.layer\.1\.attention\.self\.key\.bias'"):
+        load_bert(bert_folder)
+
+
+def test_an_extra_bert_tensor_is_named(bert_folder):
+    edit_tensors(bert_folder, lambda tensors: tensors.update({"bert.encoder.layer.2.output.dense.bias": torch.ones(16)}))
+    with pytest.raises(MinillmError, match=r"holds a tensor 'bert\.encoder\.layer\.2\.output\.dense\.bias'"):
+        load_bert(bert_folder)
+
+
+def test_a_mis_shaped_bert_tensor_is_named(bert_folder):
+    def transpose_intermediate(tensors):
+        name = "bert.encoder.layer.0.intermediate.dense.weight"
+        tensors[name] = tensors[name].t()
+    edit_tensors(bert_folder, transpose_intermediate)
+    message = r"'bert\.encoder\.layer\.0\.intermediate\.dense\.weight'.*\(16, 24\), expected \(24, 16\)"
+    with pytest.raises(MinillmError, match=message):
+        load_bert(bert_folder)
+
+
+def test_an_encoder_only_bert_folder_is_refused(tmp_path):
+    hf_bert().bert.save_pretrained(tmp_path)  # a BertModel: names without "bert.", no "cls." heads
+    with pytest.raises(MinillmError, match=r"no pretraining heads \(no 'cls\.' tensors\)"):
+        load_bert(tmp_path)
+
+
+def test_a_gpt2_folder_given_to_load_bert_is_refused(hf_folder):
+    with pytest.raises(MinillmError, match=r"'gpt2' model, but load_bert .* reads only BERT .*use load_gpt2"):
+        load_bert(hf_folder)
+
+
+def test_a_bert_folder_given_to_load_gpt2_is_refused(bert_folder):
+    with pytest.raises(MinillmError, match=r"'bert' model, but load_gpt2 .* reads only GPT-2 .*use load_bert"):
+        load_gpt2(bert_folder)
+
+
+def test_save_bert_refuses_a_model_without_pretraining_heads(tmp_path):
+    classifier = BertForSequenceClassification(BertConfig(vocab_size=40, max_len=16, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(MinillmError, match="save_bert writes a minillm BertForPreTraining, got BertForSequenceClassification"):
+        save_bert(classifier, tmp_path / "out")
     assert not (tmp_path / "out").exists()

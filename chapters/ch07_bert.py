@@ -1,0 +1,123 @@
+"""Chapter 07: BERT, pretrained by masked language modelling and next-sentence prediction.
+
+Builds sentence pairs from SST-2's training phrases (movie-review English, the text chapter 08
+fine-tunes on: this is domain-adaptive pretraining), trains a WordPiece vocabulary, masks 15% of
+the tokens (80% [MASK], 10% random, 10% unchanged), pretrains a small BERT with the shared loop,
+and reports held-out masked-LM loss and accuracy, next-sentence accuracy, and fill-in-the-blank
+predictions.
+
+    python chapters/ch07_bert.py            # a CPU: a 4-layer, 128-wide BERT in a few minutes
+    python chapters/ch07_bert.py --quick    # seconds; what the tests run
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from minillm import plots
+from minillm.bert import BertForPreTraining
+from minillm.checkpoint import read_json, write_json
+from minillm.config import run_chapter
+from minillm.device import describe_device, pick_device, seed_everything
+from minillm.pretrain import BertPretrainConfig, bert_corpus, bert_task, evaluate_bert
+from minillm.tokenization import save_library_tokenizer, special_token_ids
+from minillm.train import Trainer
+
+# On a GPU: BERT-small's shape (Turc et al., 2019: 4 layers, 512 wide, 8 heads) with BERT's dropout.
+GPU_PRESET = dict(n_layer=4, n_head=8, n_embd=512, dropout=0.1, batch_size=128, max_iters=6000, lr=5e-4,
+                  min_lr=5e-5, warmup_iters=500)
+PROBES = ["this movie was [MASK] good .", "the acting is [MASK] and the plot is dull .",
+          "a [MASK] , funny and moving film .", "i [MASK] this movie ."]
+
+
+@dataclass
+class Config(BertPretrainConfig):
+    """Chapter 07: pretrain a BERT on SST-2 text (masked LM + next sentence), evaluate, fill in blanks."""
+
+    out: str = field(default="runs/ch07", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
+    gpu_preset: bool = field(default=True, metadata={"help": "on CUDA, train a BERT-small shape (4x512) for 6,000 steps "
+                                                            "unless sizes are given on the command line"})
+
+
+def fill_in(model, tokenizer, sentence: str, device, k: int = 5) -> list[tuple[str, float]]:
+    """The k most likely words for the [MASK] in ``sentence``, with their probabilities."""
+    special = special_token_ids(tokenizer)
+    before, after = sentence.split("[MASK]")
+    ids = [special.cls, *tokenizer.encode(before).ids, special.mask, *tokenizer.encode(after).ids, special.sep]
+    position = ids.index(special.mask)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).mlm_logits[0, position]  # (vocab,)
+    probs, top = torch.softmax(logits.float(), -1).topk(k)
+    return [(tokenizer.id_to_token(i), p) for i, p in zip(top.tolist(), probs.tolist())]
+
+
+def main(config: Config) -> dict:
+    out = pathlib.Path(config.out)
+    device = pick_device(config.device)
+    if device.type == "cuda" and config.gpu_preset and not config.quick:
+        config = Config(**{**asdict(config), **GPU_PRESET})
+    config.overwrite = not config.resume  # a chapter run replaces the previous one
+    seed_everything(config.seed)
+    print(f"Running on {describe_device(device)}")
+
+    # 1. Data: documents of two segments, a leak-free held-out slice, WordPiece, NSP pairs, masking.
+    tokenizer, train_docs, val_docs = bert_corpus(config)
+    task = bert_task(config, tokenizer, train_docs, val_docs)
+    special = special_token_ids(tokenizer)
+    ids, types, label = task.train_examples[0]
+    print(f"A pair ({'IsNext' if label == 0 else 'NotNext'}): {' '.join(tokenizer.id_to_token(i) for i in ids)}\n"
+          f"  token types: {types}")
+    example = task.sample_batch(1, torch.Generator().manual_seed(0), "cpu")
+    shown = [tokenizer.id_to_token(i) if l == -100 else f"{tokenizer.id_to_token(i)}<{tokenizer.id_to_token(l)}>"
+             for i, l in zip(example.input_ids[0].tolist(), example.mlm_labels[0].tolist())]
+    print(f"  masked (token<original> where a prediction is asked): {' '.join(shown)}")
+    counts = torch.zeros(3)
+    for seed in range(200):  # where the selected 15% go: [MASK], a random token, unchanged
+        b = task.sample_batch(64, torch.Generator().manual_seed(seed), "cpu")
+        chosen = b.mlm_labels != -100
+        shown_ids, original = b.input_ids[chosen], b.mlm_labels[chosen]
+        n_mask, n_same = (shown_ids == special.mask).sum(), (shown_ids == original).sum()
+        counts += torch.stack([n_mask, len(shown_ids) - n_mask - n_same, n_same])
+    share = counts / counts.sum()
+    print(f"  of the selected tokens: {share[0]:.1%} [MASK], {share[1]:.1%} random, {share[2]:.1%} unchanged (80/10/10)")
+
+    # 2. The model, and 3. pretraining with the shared loop.
+    model = BertForPreTraining(config.model_config(tokenizer.get_vocab_size(), special.pad))
+    print(f"BERT: {sum(p.numel() for p in model.parameters()):,} parameters, {config.n_layer} layers x {config.n_embd}")
+    run_info = {"model": {"type": "bert", **asdict(model.config)}, "tokenizer": "tokenizer.json", "data": "sst2"}
+    trainer = Trainer(model, task, config, run_info)
+    before = evaluate_bert(model, task, trainer.device)
+    result = trainer.fit(prepare=lambda folder: save_library_tokenizer(tokenizer, folder / "tokenizer.json"))
+
+    # 4. Evaluation on the held-out pairs, and fill-in-the-blank.
+    metrics = evaluate_bert(model, task, trainer.device)
+    print(f"\nHeld-out ({metrics['pairs']:,} pairs, {metrics['masked_tokens']:,} masked tokens):\n"
+          f"  masked-LM loss {before['mlm_loss']:.3f} -> {metrics['mlm_loss']:.3f}, accuracy {before['mlm_accuracy']:.1%} -> "
+          f"{metrics['mlm_accuracy']:.1%}; next-sentence accuracy {before['nsp_accuracy']:.1%} -> {metrics['nsp_accuracy']:.1%}")
+    model.eval()
+    fills = {sentence: fill_in(model, tokenizer, sentence, trainer.device) for sentence in PROBES}
+    for sentence, candidates in fills.items():
+        print(f"  {sentence!r}: " + ", ".join(f"{word} {p:.0%}" for word, p in candidates))
+    first = fills[PROBES[0]]
+    plots.plot_bars({"P(word | context)": [p for _, p in first]}, [word for word, _ in first], out / "fill_in.png",
+                    title=f"BERT fills in: {PROBES[0]!r}", ylabel="probability")
+
+    summary = {
+        "held-out masked-LM accuracy, before -> after": f"{before['mlm_accuracy']:.1%} -> {metrics['mlm_accuracy']:.1%}",
+        "held-out masked-LM loss": f"{metrics['mlm_loss']:.3f}",
+        "held-out next-sentence accuracy": f"{metrics['nsp_accuracy']:.1%}",
+        f"fill-in {PROBES[0]!r}": ", ".join(word for word, _ in first[:3]),
+        "parameters, steps, training time": f"{sum(p.numel() for p in model.parameters()):,}, {result.steps:,}, {result.seconds:.0f} s",
+    }
+    results = {**metrics, "before": before, "fill_in": fills, "train_seconds": result.seconds,
+               "config": asdict(config), "summary": summary}
+    write_json(out / "results.json", {**read_json(out / "results.json"), **results})
+    print(f"\nSaved {out / 'loss.png'}, {out / 'fill_in.png'}, the checkpoints and {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    run_chapter(main, Config)

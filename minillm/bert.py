@@ -1,0 +1,263 @@
+"""BERT: a bidirectional Transformer encoder, pretrained by masked language modelling and next-sentence prediction.
+
+Devlin, Chang, Lee & Toutanova (2019), "BERT: Pre-training of Deep Bidirectional Transformers for
+Language Understanding"::
+
+    [CLS] A [SEP] B [SEP] -> token + position + segment embeddings -> LayerNorm -> dropout
+                          -> N × post-norm EncoderBlock (no causal mask: every token sees every token)
+                          -> hidden states (B, T, H); pooled = tanh(W h_[CLS] + b) (B, H)
+
+Pretraining heads (:class:`BertForPreTraining`):
+
+- masked LM: for the masked positions, :math:`\\mathrm{softmax}(E\\,\\mathrm{LN}(\\mathrm{GELU}(W h_t + b)) + b_{vocab})`,
+  the decoder matrix E tied to the word embeddings;
+- next-sentence prediction: a linear layer on the pooled [CLS] vector, IsNext (0) or NotNext (1).
+
+The loss is the sum of the two cross-entropies. :class:`BertForSequenceClassification` (chapter 08)
+replaces the heads by dropout and a linear classifier on the pooled vector.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm import MinillmError
+from minillm.layers import EncoderBlock, LayerNorm, make_activation
+
+
+@dataclass
+class BertConfig:
+    """Sizes of a :class:`Bert`. BERT-base is ``vocab_size=30522, max_len=512, n_layer=12, n_head=12,
+    n_embd=768, d_ff=3072``; the defaults are a small model a CPU pretrains in minutes."""
+
+    vocab_size: int = 8000
+    max_len: int = 128  # position embeddings: the longest input
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    d_ff: int = 0  # the feed-forward width; 0 means 4 * n_embd
+    dropout: float = 0.1  # on embeddings, attention weights and every residual branch
+    type_vocab_size: int = 2  # segment A and segment B
+    layer_norm_eps: float = 1e-12
+    pad_id: int = 0
+    activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_len", "n_layer", "n_head", "n_embd", "type_vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.d_ff < 0 or not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError("d_ff cannot be negative and pad_id must be a vocabulary id")
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or 4 * self.n_embd
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BertConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type (segment) embeddings, summed, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.n_embd, padding_idx=config.pad_id)
+        self.position_embeddings = nn.Embedding(config.max_len, config.n_embd)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.n_embd)
+        self.norm = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.max_len = config.max_len
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.max_len:
+            raise MinillmError(f"the input has {length} tokens, more than the model's {self.max_len} positions")
+        positions = torch.arange(length, device=input_ids.device)  # (T,)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(x))  # (B, T, H)
+
+
+class Bert(nn.Module):
+    """The encoder: ``bert(input_ids, token_type_ids, attention_mask)`` -> (hidden (B, T, H), pooled (B, H))."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(
+            EncoderBlock(config.n_embd, config.n_head, config.ff_width, dropout=config.dropout,
+                         activation=config.activation, norm_first=False, layer_norm_eps=config.layer_norm_eps)
+            for _ in range(config.n_layer))
+        self.pooler = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attention_mask`` (B, T): 1 for real tokens, 0 for padding (default: padding = ``pad_id``);
+        ``token_type_ids`` (B, T): 0 for segment A, 1 for B (default: all 0)."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_id).long()
+        padding = attention_mask == 0  # (B, T), True at padding: no query attends to it
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, key_padding_mask=padding)
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, H): the [CLS] position
+        return x, pooled
+
+
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits (autocast) upcast for the softmax's sum; fp32 and fp64 left as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def init_bert_weights(module: nn.Module) -> None:
+    """BERT's initialization: N(0, 0.02) for every matrix and embedding, zero biases, LayerNorm (1, 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+
+@dataclass
+class BertPretrainingOutput:
+    mlm_logits: torch.Tensor  # (B, T, vocab), or (n_masked, vocab) with mlm_positions="masked"
+    nsp_logits: torch.Tensor  # (B, 2)
+    loss: torch.Tensor | None = None  # mlm_loss + nsp_loss, when labels are given
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+
+
+class BertForPreTraining(nn.Module):
+    """:class:`Bert` with the masked-LM head (tied decoder + bias) and the next-sentence head."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = Bert(config)
+        self.mlm_dense = nn.Linear(config.n_embd, config.n_embd)
+        self.mlm_activation = make_activation(config.activation)
+        self.mlm_norm = LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.nsp_head = nn.Linear(config.n_embd, 2)
+        self.apply(init_bert_weights)
+
+    @property
+    def mlm_decoder_weight(self) -> torch.Tensor:
+        return self.bert.embeddings.word_embeddings.weight  # tied: (vocab, H)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                next_sentence_label: torch.Tensor | None = None,
+                mlm_positions: Literal["all", "masked"] = "all") -> BertPretrainingOutput:
+        """Logits of both heads and, given ``mlm_labels`` (B, T; -100 where nothing is predicted) and
+        ``next_sentence_label`` (B,), the summed loss. ``mlm_positions="masked"`` computes the
+        vocabulary logits only where ``mlm_labels`` != -100 (about 15% of tokens): the same loss
+        for a sixth of the largest matmul, what pretraining uses."""
+        hidden, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        if mlm_positions == "masked":
+            if mlm_labels is None:
+                raise ValueError("mlm_positions='masked' needs mlm_labels")
+            selected = mlm_labels != -100  # (B, T)
+            hidden, targets = hidden[selected], mlm_labels[selected]  # (n_masked, H), (n_masked,)
+        else:
+            targets = mlm_labels
+        transformed = self.mlm_norm(self.mlm_activation(self.mlm_dense(hidden)))
+        mlm_logits = F.linear(transformed, self.mlm_decoder_weight, self.mlm_bias)  # (..., vocab)
+        nsp_logits = self.nsp_head(pooled)  # (B, 2)
+        output = BertPretrainingOutput(mlm_logits, nsp_logits)
+        losses = []
+        if targets is not None:
+            output.mlm_loss = F.cross_entropy(at_least_fp32(mlm_logits.reshape(-1, mlm_logits.shape[-1])), targets.reshape(-1),
+                                              ignore_index=-100)
+            losses.append(output.mlm_loss)
+        if next_sentence_label is not None:
+            output.nsp_loss = F.cross_entropy(at_least_fp32(nsp_logits), next_sentence_label)
+            losses.append(output.nsp_loss)
+        if losses:
+            output.loss = sum(losses)
+        return output
+
+    @classmethod
+    def from_run(cls, folder: str | os.PathLike) -> "BertForPreTraining":
+        """The best weights of a ``python -m minillm pretrain bert`` run folder (config.json + model.safetensors)."""
+        from minillm.checkpoint import load_model_state, read_json, read_safetensors
+
+        folder = pathlib.Path(folder)
+        if not (folder / "config.json").is_file():
+            raise MinillmError(f"{folder} has no config.json: is it a minillm run folder?")
+        model_info = dict(read_json(folder / "config.json").get("model", {}))
+        if model_info.pop("type", None) != "bert":
+            raise MinillmError(f"{folder} does not hold a BERT run")
+        model = cls(BertConfig.from_dict(model_info))
+        tensors, _ = read_safetensors(folder / "model.safetensors")
+        load_model_state(model, tensors, str(folder / "model.safetensors"))
+        return model
+
+    @classmethod
+    def from_hf(cls, directory: str | os.PathLike, dropout: float = 0.0) -> "BertForPreTraining":
+        """Load a ``transformers`` BertForPreTraining folder (config.json + model.safetensors); see :mod:`minillm.hf`."""
+        from minillm import hf
+
+        return hf.load_bert(directory, dropout=dropout)
+
+    def save_hf(self, directory: str | os.PathLike) -> pathlib.Path:
+        """Write a folder that ``transformers.BertForPreTraining.from_pretrained`` loads with the same logits."""
+        from minillm import hf
+
+        return hf.save_bert(self, directory)
+
+
+@dataclass
+class ClassificationOutput:
+    logits: torch.Tensor  # (B, num_labels)
+    loss: torch.Tensor | None = None
+
+
+class BertForSequenceClassification(nn.Module):
+    """:class:`Bert`, dropout, and a linear classifier on the pooled [CLS] vector (Devlin et al., section 4.1)."""
+
+    def __init__(self, config: BertConfig, num_labels: int = 2):
+        super().__init__()
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+        self.config, self.num_labels = config, num_labels
+        self.bert = Bert(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.n_embd, num_labels)
+        self.apply(init_bert_weights)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> ClassificationOutput:
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+        loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
+        return ClassificationOutput(logits, loss)
+
+    @classmethod
+    def from_pretraining(cls, pretrained: BertForPreTraining, num_labels: int = 2) -> "BertForSequenceClassification":
+        """The encoder (and pooler) of a pretrained model under a new, freshly initialized classifier."""
+        model = cls(pretrained.config, num_labels)
+        model.bert.load_state_dict(pretrained.bert.state_dict())
+        return model
+
+
+def config_dict(model: nn.Module) -> dict:
+    return asdict(model.config)
