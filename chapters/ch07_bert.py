@@ -22,7 +22,7 @@ from minillm.bert import BertForPreTraining
 from minillm.checkpoint import read_json, write_json
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
-from minillm.pretrain import BertPretrainConfig, bert_corpus, bert_task, evaluate_bert
+from minillm.pretrain import BertPretrainConfig, bert_corpus, bert_task, evaluate_bert, fill_in
 from minillm.tokenization import save_library_tokenizer, special_token_ids
 from minillm.train import Trainer
 
@@ -40,18 +40,6 @@ class Config(BertPretrainConfig):
     out: str = field(default="runs/ch07", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
     gpu_preset: bool = field(default=True, metadata={"help": "on CUDA, train a BERT-small shape (4x512) for 6,000 steps "
                                                             "unless sizes are given on the command line"})
-
-
-def fill_in(model, tokenizer, sentence: str, device, k: int = 5) -> list[tuple[str, float]]:
-    """The k most likely words for the [MASK] in ``sentence``, with their probabilities."""
-    special = special_token_ids(tokenizer)
-    before, after = sentence.split("[MASK]")
-    ids = [special.cls, *tokenizer.encode(before).ids, special.mask, *tokenizer.encode(after).ids, special.sep]
-    position = ids.index(special.mask)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids], device=device)).mlm_logits[0, position]  # (vocab,)
-    probs, top = torch.softmax(logits.float(), -1).topk(k)
-    return [(tokenizer.id_to_token(i), p) for i, p in zip(top.tolist(), probs.tolist())]
 
 
 def main(config: Config) -> dict:
@@ -98,7 +86,7 @@ def main(config: Config) -> dict:
           f"  masked-LM loss {before['mlm_loss']:.3f} -> {metrics['mlm_loss']:.3f}, accuracy {before['mlm_accuracy']:.1%} -> "
           f"{metrics['mlm_accuracy']:.1%}; next-sentence accuracy {before['nsp_accuracy']:.1%} -> {metrics['nsp_accuracy']:.1%}")
     model.eval()
-    fills = {sentence: fill_in(model, tokenizer, sentence, trainer.device) for sentence in PROBES}
+    fills = {sentence: fill_in(model, tokenizer, sentence, device=trainer.device) for sentence in PROBES}
     for sentence, candidates in fills.items():
         print(f"  {sentence!r}: " + ", ".join(f"{word} {p:.0%}" for word, p in candidates))
     first = fills[PROBES[0]]

@@ -8,7 +8,7 @@ One module per idea; the README's module map lists them all. The first ones:
 - ``minillm.data`` and ``minillm.tokenization``: the shipped data sets, cleaned, tokenized and batched
 - ``minillm.attention``, ``minillm.layers``, ``minillm.transformer``: attention, the Transformer's
   layers and blocks, and the encoder-decoder with greedy and beam decoding
-- ``minillm.metrics``: BLEU, exact match, perplexity
+- ``minillm.metrics``: BLEU, exact match, perplexity, accuracy, precision / recall / F1, confusion matrix
 - ``minillm.plots``: the figures chapters save
 - ``minillm.config``: dataclass configurations turned into command-line interfaces
 """

@@ -2,6 +2,7 @@
 
 - ``pipeline``: the main job, every chapter's stage in order, resumable, with a summary.
 - ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on SST-2 text (``minillm.pretrain``).
+- ``finetune``: fine-tune a pretrained BERT run on SST-2 (or IMDB), fully or parameter-efficiently (``minillm.finetune``).
 - ``generate``: sample from a pretrained run.
 - ``bench``: training throughput (and MFU on CUDA) of a GPT shape (``minillm.bench``).
 
@@ -23,6 +24,7 @@ from minillm.config import build_config, config_parser, quick_requested
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     """command name -> (config class, function running it, one-line help)."""
     from minillm.bench import BenchConfig, run_bench
+    from minillm.finetune import FinetuneCommandConfig, run_finetune
     from minillm.pipeline import PipelineConfig, run_pipeline
     from minillm.pretrain import BertPretrainConfig, GenerateConfig, GPTPretrainConfig, generate, pretrain_bert, pretrain_gpt
 
@@ -30,6 +32,8 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "pipeline": (PipelineConfig, run_pipeline, "run the main job: every chapter's stage in order, resumable, with a summary"),
         "pretrain gpt": (GPTPretrainConfig, pretrain_gpt, "pretrain a GPT language model on a text file"),
         "pretrain bert": (BertPretrainConfig, pretrain_bert, "pretrain a BERT (masked LM + next sentence) on SST-2 or a text file"),
+        "finetune": (FinetuneCommandConfig, run_finetune, "fine-tune a pretrained BERT run as a sentiment classifier "
+                                                           "(full, head-only, top layers, adapters, LoRA, prompt tuning)"),
         "generate": (GenerateConfig, generate, "sample text from a pretrained GPT run"),
         "bench": (BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape"),
     }

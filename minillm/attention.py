@@ -179,13 +179,20 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
+    def projections_are_plain_linear(self) -> bool:
+        """Whether q_proj, k_proj and v_proj are plain ``nn.Linear`` layers, whose weights the fast
+        path may concatenate. A wrapped projection (a LoRA layer, :mod:`minillm.finetune`) computes
+        more than ``x Wᵀ + b``, so it must be called as a module: fusing its base weight would
+        silently drop the wrapper's contribution."""
+        return all(type(layer) is nn.Linear for layer in (self.q_proj, self.k_proj, self.v_proj))
+
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
 
     def new_cache(self, batch_size: int, max_len: int, static: bool = False, device=None, dtype=None) -> KVCache:
         """An empty :class:`KVCache` sized for this layer."""
-        weight = self.q_proj.weight
+        weight = next(self.parameters())  # not q_proj.weight: q_proj may be wrapped (LoRA, minillm.finetune)
         return KVCache(batch_size, self.n_heads, max_len, self.head_dim, device=device or weight.device,
                        dtype=dtype or weight.dtype, static=static)
 
@@ -209,7 +216,7 @@ class MultiHeadAttention(nn.Module):
         fast = self.fast_path if use_fast_path is None else use_fast_path
         reuse_cached = kv_cache is not None and kv_cache.static and kv_cache.length > 0  # cross-attention, later steps
         past = kv_cache.length if kv_cache is not None and not kv_cache.static else 0
-        if fast and key_value is None:
+        if fast and key_value is None and self.projections_are_plain_linear():
             # Self-attention on the fast path: one matmul against [W_q; W_k; W_v] instead of three
             # small ones (the same dot products, one pass over x; it pays on CPUs and small GPUs).
             weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3 d_model, d_model)

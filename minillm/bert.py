@@ -82,13 +82,26 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.max_len = config.max_len
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                prompt_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H). ``prompt_embeddings`` (P, H) or (B, P, H), the soft prompt of
+        prompt tuning (:mod:`minillm.finetune`), are inserted right after position 0 ([CLS]) once
+        word + position + segment embeddings are summed, before the LayerNorm: the real tokens
+        keep their positions 0..T-1, the P prompt vectors get no position or segment embedding
+        (they are free, trained vectors), and the output is (B, 1 + P + T-1, H). P + T must still
+        fit ``max_len``, the longest sequence the model was built for."""
         length = input_ids.shape[1]
-        if length > self.max_len:
-            raise MinillmError(f"the input has {length} tokens, more than the model's {self.max_len} positions")
+        n_prompt = 0 if prompt_embeddings is None else prompt_embeddings.shape[-2]
+        if length + n_prompt > self.max_len:
+            prompt = f" and {n_prompt} prompt vectors" if n_prompt else ""
+            raise MinillmError(f"the input has {length} tokens{prompt}, more than the model's {self.max_len} positions")
         positions = torch.arange(length, device=input_ids.device)  # (T,)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.norm(x))  # (B, T, H)
+        if prompt_embeddings is not None:
+            batch = input_ids.shape[0]
+            prompt = prompt_embeddings.expand(batch, -1, -1) if prompt_embeddings.dim() == 2 else prompt_embeddings
+            x = torch.cat([x[:, :1], prompt.to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + T-1, H): [CLS], prompt, rest
+        return self.dropout(self.norm(x))  # (B, T, H), or (B, P + T, H) with a prompt
 
 
 class Bert(nn.Module):
@@ -105,15 +118,21 @@ class Bert(nn.Module):
         self.pooler = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None, *,
+                prompt_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``attention_mask`` (B, T): 1 for real tokens, 0 for padding (default: padding = ``pad_id``);
-        ``token_type_ids`` (B, T): 0 for segment A, 1 for B (default: all 0)."""
+        ``token_type_ids`` (B, T): 0 for segment A, 1 for B (default: all 0). ``prompt_embeddings``
+        (P, H) or (B, P, H): a soft prompt inserted after [CLS] (see :class:`BertEmbeddings`), never
+        padding; the hidden states are then (B, P + T, H) and the pooler still reads [CLS]."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_id).long()
         padding = attention_mask == 0  # (B, T), True at padding: no query attends to it
-        x = self.embeddings(input_ids, token_type_ids)
+        if prompt_embeddings is not None:
+            prompt_padding = padding.new_zeros(padding.shape[0], prompt_embeddings.shape[-2])  # (B, P): all real
+            padding = torch.cat([padding[:, :1], prompt_padding, padding[:, 1:]], dim=1)  # (B, P + T)
+        x = self.embeddings(input_ids, token_type_ids, prompt_embeddings)
         for layer in self.layers:
             x = layer(x, key_padding_mask=padding)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, H): the [CLS] position
@@ -245,8 +264,11 @@ class BertForSequenceClassification(nn.Module):
         self.apply(init_bert_weights)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> ClassificationOutput:
-        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                prompt_embeddings: torch.Tensor | None = None) -> ClassificationOutput:
+        """Logits (B, num_labels) and, with ``labels`` (B,), the cross-entropy. ``prompt_embeddings``
+        is the soft prompt of prompt tuning (:func:`minillm.finetune.apply_prompt_tuning`)."""
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask, prompt_embeddings=prompt_embeddings)
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
         return ClassificationOutput(logits, loss)

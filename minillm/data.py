@@ -2,7 +2,8 @@
 
 - Reading: ``data/`` (next to this package) holds Tiny Shakespeare and GLUE SST-2; see
   data/README.md for sources, licences and checksums. ``MINILLM_DATA_DIR`` points elsewhere if
-  you moved them. Reading errors are :class:`minillm.MinillmError` with one sentence naming the file.
+  you moved them. :func:`read_imdb` reads an unpacked ``aclImdb`` folder that you download
+  yourself (not shipped). Reading errors are :class:`minillm.MinillmError` with one sentence naming the file.
 - Cleaning (:func:`clean_text`): control characters, whitespace, Unicode normalization, exact
   and near-exact line de-duplication, with a report of what each step changed.
 - Batches of sequences (:func:`pad_batch`, :func:`encode_pair`, :func:`encode_pair_batch`):
@@ -37,6 +38,9 @@ from minillm import MinillmError
 from minillm.checkpoint import read_json, write_json
 
 DATA_ENV = "MINILLM_DATA_DIR"
+
+HTML_LINE_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
+"""The ``<br />`` tags (also ``<br>``, ``<br/>``, any case) that IMDB reviews use as line breaks."""
 
 
 def data_dir() -> pathlib.Path:
@@ -92,6 +96,41 @@ def read_sst2(split: str = "train", path: str | os.PathLike | None = None) -> tu
         sentences.append(sentence.strip())
         labels.append(int(label))
     return sentences, labels
+
+
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/"
+IMDB_LAYOUT = "<root>/<split>/pos/*.txt and <root>/<split>/neg/*.txt, one review per file, as in aclImdb_v1.tar.gz"
+
+
+def read_imdb(root: str | os.PathLike, split: str = "train") -> tuple[list[str], list[int]]:
+    """Read a split of the IMDB movie-review data set (Maas et al., 2011): ``(texts, labels)``, 1 = positive.
+
+    ``root`` is the unpacked ``aclImdb`` folder (from https://ai.stanford.edu/~amaas/data/sentiment/;
+    it is not shipped with minillm and nothing here downloads it). Reviews are read from
+    ``root/<split>/pos/*.txt`` (label 1) and ``root/<split>/neg/*.txt`` (label 0) as UTF-8, positives
+    first, each folder sorted by file name so the order is the same on every machine. The HTML line
+    breaks the reviews contain (``<br />``, ``<br/>``, ``<br>``) each become a space, and the text is
+    stripped. ``split`` is ``"train"`` or ``"test"`` (25,000 reviews each, half positive); the
+    unlabelled ``unsup`` reviews are not read.
+    """
+    if split not in ("train", "test"):
+        raise MinillmError(f"unknown IMDB split {split!r}: use 'train' or 'test'")
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise MinillmError(f"IMDB folder {root} does not exist: download and unpack aclImdb from {IMDB_URL} "
+                           f"(expected layout: {IMDB_LAYOUT})")
+    texts, labels = [], []
+    for folder_name, label in (("pos", 1), ("neg", 0)):
+        folder = root / split / folder_name
+        if not folder.is_dir():
+            raise MinillmError(f"{folder} is missing: {root} is not an unpacked aclImdb folder (expected layout: {IMDB_LAYOUT})")
+        files = sorted(folder.glob("*.txt"))
+        if not files:
+            raise MinillmError(f"{folder} holds no .txt reviews (expected layout: {IMDB_LAYOUT})")
+        for file in files:
+            texts.append(HTML_LINE_BREAK.sub(" ", read_text_file(file)).strip())
+            labels.append(label)
+    return texts, labels
 
 
 # ---------------------------------------------------------------------------------------------

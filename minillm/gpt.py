@@ -118,22 +118,41 @@ class GPT(nn.Module):
             total -= self.wpe.weight.numel()
         return total
 
+    def hidden_states(self, idx: torch.Tensor, prefix_embeddings: torch.Tensor | None = None, *,
+                      kv_caches: list | None = None, offset: int = 0) -> torch.Tensor:
+        """Token ids (B, T) -> the final hidden states (B, T, n_embd), after ``ln_f``: what the
+        language-model head reads, and what a classifier (:mod:`minillm.finetune`) reads instead.
+
+        ``prefix_embeddings`` (P, n_embd) or (B, P, n_embd), e.g. the soft prompt of prompt
+        tuning, are vectors placed *before* the token embeddings, as if they were the embeddings
+        of P extra tokens: they take positions ``0..P-1`` (position embeddings are added to them,
+        or rotary angles applied, like to any token; the tokens move to ``P..P+T-1``) and the output
+        is (B, P + T, n_embd). This is what ``inputs_embeds`` means in Hugging Face's GPT-2.
+        """
+        batch, length = idx.shape
+        x = self.wte(idx)  # (B, T, n_embd)
+        if prefix_embeddings is not None:
+            prefix = prefix_embeddings.expand(batch, -1, -1) if prefix_embeddings.dim() == 2 else prefix_embeddings
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P + T, n_embd)
+            length = x.shape[1]
+        if offset + length > self.config.block_size:
+            what = f"{offset + length} tokens" if prefix_embeddings is None else \
+                f"{offset + length} positions ({length - idx.shape[1]} prefix vectors + {idx.shape[1]} tokens)"
+            raise MinillmError(f"{what} do not fit the model's context of {self.config.block_size}")
+        if self.wpe is not None:
+            x = x + self.wpe(length, offset)  # + (T, n_embd), broadcast over the batch
+        x = self.drop(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x, is_causal=True, kv_cache=kv_caches[index] if kv_caches is not None else None, rotary=self.rotary)
+        return self.ln_f(x)  # (B, T, n_embd)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_caches: list | None = None,
                 offset: int = 0, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, T) -> logits (B, T, vocab_size) and, with ``targets`` (B, T), the mean
         cross-entropy (targets of -100 are ignored). With ``kv_caches`` the T tokens are positions
         ``offset..offset+T-1`` after the cached ones; ``last_only`` returns only the last position's
         logits (B, 1, vocab), all that sampling needs."""
-        batch, length = idx.shape
-        if offset + length > self.config.block_size:
-            raise MinillmError(f"{offset + length} tokens do not fit the model's context of {self.config.block_size}")
-        x = self.wte(idx)  # (B, T, n_embd)
-        if self.wpe is not None:
-            x = x + self.wpe(length, offset)  # + (T, n_embd), broadcast over the batch
-        x = self.drop(x)
-        for index, block in enumerate(self.blocks):
-            x = block(x, is_causal=True, kv_cache=kv_caches[index] if kv_caches is not None else None, rotary=self.rotary)
-        x = self.ln_f(x)
+        x = self.hidden_states(idx, kv_caches=kv_caches, offset=offset)  # (B, T, n_embd)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
         logits = self.lm_head(x)  # (B, T, vocab)

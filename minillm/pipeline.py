@@ -5,7 +5,7 @@ last, atomically; a stage whose results exist (from a run of the same size) is n
 an interrupted pipeline resumes where it stopped. At the end a Markdown table of every stage's
 headline numbers is printed and saved as ``<out>/summary.md``, next to the stages' PNG plots.
 
-Today the stages are chapters 01-06; later chapters add BERT pretraining and fine-tuning.
+Today the stages are chapters 01-07; chapter 08 adds fine-tuning on SST-2.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("ch04_attention", "chapters/ch04_attention.py", "attention by hand; an attention-only model learns to reverse"),
     ("ch05_transformer", "chapters/ch05_transformer.py", "an encoder-decoder Transformer learns number words -> digits"),
     ("ch06_gpt", "chapters/ch06_gpt.py", "GPT pretrained on Tiny Shakespeare; samples; the KV cache"),
+    ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on SST-2 text: masked LM + next sentence; fill-in"),
 ]
 
 

@@ -282,3 +282,40 @@ def plot_attention(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_confusion_matrix(
+    matrix,
+    labels: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "Confusion matrix",
+) -> pathlib.Path:
+    """A (C, C) confusion matrix as a grid of cells with the count written in each.
+
+    Rows are the true class and columns the predicted class, as :func:`minillm.metrics.confusion_matrix`
+    returns it (a list of lists, an array or a tensor); ``labels`` names the C classes in order.
+    A cell's shade is its share of its row (the recall of that true class, or the rate at which
+    it is mistaken for another), so a small class's errors show as clearly as a large one's.
+    """
+    import numpy as np
+
+    counts = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
+        raise ValueError(f"a confusion matrix must be square (C, C) with C >= 1, got shape {counts.shape}")
+    if len(labels) != counts.shape[0]:
+        raise ValueError(f"{len(labels)} labels for a {counts.shape[0]}-class confusion matrix")
+    row_totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, row_totals, out=np.zeros(counts.shape), where=row_totals != 0)
+    size = min(8.0, 2.2 + 0.9 * len(labels))
+    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    for (row, column), count in np.ndenumerate(counts):
+        text = f"{int(count):,}" if float(count).is_integer() else f"{count:.3g}"
+        ax.text(column, row, text, ha="center", va="center", color="white" if shares[row, column] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels=list(labels))
+    ax.set_yticks(range(len(labels)), labels=list(labels))
+    ax.tick_params(length=0)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class (row)")
+    return save_figure(fig, path)

@@ -130,7 +130,7 @@ def draw(task, seed, **kwargs):
 
 def test_static_masks_are_made_once_and_dynamic_masks_are_made_at_every_draw():
     dynamic, static = make_task(True), make_task(False)
-    rows = torch.randint(50, (8,), generator=torch.Generator().manual_seed(3)).tolist()  # what draw(.., 3) picks
+    rows = static.draw(8, torch.Generator().manual_seed(3))  # what draw(.., 3) picks
     drawn = draw(static, 3)
     for row, index in enumerate(rows):
         example = static.static_train[index]

@@ -10,6 +10,7 @@ keep parameter differences at the level of the rounding).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -237,3 +238,43 @@ def test_two_gloo_processes_take_the_same_steps_as_one_process_with_the_global_b
     assert_same_weights(model_two, model_one, rtol=1e-4, atol=1e-5)
     whole_split = [json.loads((tmp_path / run / "results.json").read_text())["val_loss"] for run in ("one", "two")]
     assert whole_split[0] == pytest.approx(whole_split[1], abs=1e-5)  # estimates differ: batches of 8 vs 4
+
+
+# ---------------------------------------------------------------------------------------------
+# LengthBuckets: similar-length batches without changing how often each example is drawn
+# ---------------------------------------------------------------------------------------------
+
+
+def test_length_buckets_draw_every_example_as_often_as_uniform_sampling():
+    """Each of n examples is drawn with probability 1/n per draw. With D draws the count of one example is
+    Binomial(D, 1/n): mean D/n, sd sqrt(D/n (1 - 1/n)); every count lies within 5 sd of the mean (for 60
+    examples the chance that any one strays that far by luck is below 1e-4)."""
+    from minillm.train import LengthBuckets
+
+    lengths = [1 + (i * 7) % 23 for i in range(60)]  # uneven lengths, many ties
+    buckets = LengthBuckets(lengths, bucket_size=16, seed=3)  # 60 = 3 full buckets + one of 12
+    generator = torch.Generator().manual_seed(0)
+    counts = np.zeros(60)
+    draws = 0
+    for _ in range(6000):
+        drawn = buckets.sample(8, generator)
+        np.add.at(counts, drawn, 1)
+        draws += 8
+    mean, sd = draws / 60, math.sqrt(draws / 60 * (1 - 1 / 60))
+    assert np.all(np.abs(counts - mean) < 5 * sd), (counts.min(), counts.max(), mean, sd)
+
+
+def test_length_buckets_batches_hold_similar_lengths_and_repeat_under_a_seed():
+    from minillm.train import LengthBuckets
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 64, size=5000)
+    buckets = LengthBuckets(lengths, bucket_size=64 * 16)
+    first = [buckets.sample(64, torch.Generator().manual_seed(s)) for s in range(20)]
+    again = [buckets.sample(64, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert first == again
+    # Real tokens / padded tokens. Lengths uniform on 3..63 put ~12 length values in each bucket of 1,024
+    # examples (mean/max ~0.8); a uniform batch of 64 nearly always holds a length near 63 (~0.5).
+    uniform = np.mean([lengths[b].mean() / lengths[b].max() for b in (rng.integers(0, 5000, 64) for _ in range(20))])
+    fill = np.mean([lengths[b].mean() / lengths[b].max() for b in first])
+    assert fill > 0.75 and uniform < 0.6

@@ -91,6 +91,17 @@ def test_heatmap_is_written_for_signed_and_unsigned_matrices_and_refuses_other_s
         plots.plot_heatmap(torch.rand(2, 3, 4), tmp_path / "bad.png")
 
 
+def test_confusion_matrix_plot_is_written_for_counts_and_refuses_mismatched_labels(tmp_path):
+    for name, matrix in (("list", [[50, 3], [7, 40]]), ("tensor", torch.tensor([[5, 0, 1], [0, 0, 0], [2, 1, 9]]))):
+        labels = ["negative", "positive"] if name == "list" else ["a", "b", "c"]  # the tensor has an empty row
+        path = plots.plot_confusion_matrix(matrix, labels, tmp_path / "sub" / f"{name}.png", title=name)
+        assert path == tmp_path / "sub" / f"{name}.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="3 labels for a 2-class"):
+        plots.plot_confusion_matrix([[1, 2], [3, 4]], ["a", "b", "c"], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="square"):
+        plots.plot_confusion_matrix([[1, 2, 3], [3, 4, 5]], ["a", "b"], tmp_path / "bad.png")
+
+
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
     checkpoint.write_json(target, {"step": 1})
