@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             from minillm.pipeline import STAGES
 
-            command.epilog = "stages: " + ", ".join(stage for stage, _, _ in STAGES)
+            command.epilog = "stages: " + ", ".join(stage for stage, *_ in STAGES)
         config_parser(config_class, parser=command)
         command.set_defaults(command_name=name)
     return parser

@@ -5,7 +5,9 @@ last, atomically; a stage whose results exist (from a run of the same size) is n
 an interrupted pipeline resumes where it stopped. At the end a Markdown table of every stage's
 headline numbers is printed and saved as ``<out>/summary.md``, next to the stages' PNG plots.
 
-Today the stages are chapters 01-07; chapter 08 adds fine-tuning on SST-2.
+By default (``--stages main``) the main job runs what the issue that defined it lists: tokenizer
+training (03), GPT pretraining on Tiny Shakespeare with samples (06), BERT pretraining on SST-2
+text (07), and fine-tuning and evaluation on SST-2 (08); ``--stages all`` runs every chapter.
 """
 
 from __future__ import annotations
@@ -22,32 +24,44 @@ from minillm.config import QuickConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# (stage name, chapter script, what it does)
-STAGES: list[tuple[str, str, str]] = [
-    ("ch01_hello_pytorch", "chapters/ch01_hello_pytorch.py", "tensors, autograd, a training loop, torch.compile"),
-    ("ch02_gradient_descent", "chapters/ch02_gradient_descent.py", "linear regression by hand; optimizers race on SST-2"),
-    ("ch03_tokenization", "chapters/ch03_tokenization.py", "cleaning; char, BPE and WordPiece tokenizers trained and compared"),
-    ("ch04_attention", "chapters/ch04_attention.py", "attention by hand; an attention-only model learns to reverse"),
-    ("ch05_transformer", "chapters/ch05_transformer.py", "an encoder-decoder Transformer learns number words -> digits"),
-    ("ch06_gpt", "chapters/ch06_gpt.py", "GPT pretrained on Tiny Shakespeare; samples; the KV cache"),
-    ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on SST-2 text: masked LM + next sentence; fill-in"),
+# (stage name, chapter script, what it does, extra arguments; "{out}" is the pipeline's run folder)
+STAGES: list[tuple[str, str, str, list[str]]] = [
+    ("ch01_hello_pytorch", "chapters/ch01_hello_pytorch.py", "tensors, autograd, a training loop, torch.compile", []),
+    ("ch02_gradient_descent", "chapters/ch02_gradient_descent.py", "linear regression by hand; optimizers race on SST-2", []),
+    ("ch03_tokenization", "chapters/ch03_tokenization.py", "cleaning; char, BPE and WordPiece tokenizers trained and compared", []),
+    ("ch04_attention", "chapters/ch04_attention.py", "attention by hand; an attention-only model learns to reverse", []),
+    ("ch05_transformer", "chapters/ch05_transformer.py", "an encoder-decoder Transformer learns number words -> digits", []),
+    ("ch06_gpt", "chapters/ch06_gpt.py", "GPT pretrained on Tiny Shakespeare; samples; the KV cache", []),
+    ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on SST-2 text: masked LM + next sentence; fill-in", []),
+    ("ch08_finetune", "chapters/ch08_finetune.py", "BERT (pretrained vs random init) and GPT fine-tuned on SST-2",
+     ["--bert", "{out}/ch07_bert"]),
 ]
+# The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
+MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
+NEEDS = {"ch08_finetune": "ch07_bert"}  # a stage that reads another's run folder
 
 
 @dataclass
 class PipelineConfig(QuickConfig):
-    """Run the main job: every chapter's stage in order, resuming where a previous run stopped."""
+    """Run the main job: tokenizers, GPT and BERT pretraining, fine-tuning on SST-2, a summary; resumable."""
 
     out: str = field(default="", metadata={"help": "run folder (default: runs/pipeline, or runs/pipeline-quick with --quick)"})
     force: bool = field(default=False, metadata={"help": "redo stages that already finished"})
-    stages: str = field(default="all", metadata={"help": "comma-separated stage names to run, or 'all'"})
+    stages: str = field(default="main", metadata={"help": "'main' (" + ", ".join(MAIN_STAGES) + "), 'all' (every "
+                                                          "chapter), or comma-separated stage names"})
 
     def validate(self):
-        known = [name for name, _, _ in STAGES]
-        if self.stages != "all":
+        known = [name for name, *_ in STAGES]
+        if self.stages not in ("main", "all"):
             unknown = [s for s in self.stages.split(",") if s not in known]
             if unknown:
-                raise ValueError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+                raise ValueError(f"unknown stage(s) {', '.join(unknown)}: choose from main, all, {', '.join(known)}")
+
+    @property
+    def selected(self) -> list[tuple[str, str, str, list[str]]]:
+        names = {"main": MAIN_STAGES, "all": [name for name, *_ in STAGES]}.get(self.stages, self.stages.split(","))
+        names = set(names) | {NEEDS[name] for name in names if name in NEEDS}  # a stage brings what it reads
+        return [stage for stage in STAGES if stage[0] in names]
 
     @property
     def out_dir(self) -> pathlib.Path:
@@ -67,11 +81,11 @@ def _finished(stage_dir: pathlib.Path, quick: bool) -> bool:
 def run_pipeline(config: PipelineConfig) -> pathlib.Path:
     """Run (or resume) every stage; return the path of the summary table."""
     out = config.out_dir
-    selected = [stage for stage in STAGES if config.stages == "all" or stage[0] in config.stages.split(",")]
+    selected = config.selected
     size = "quick" if config.quick else "full"
     print(f"minillm pipeline ({size}): {len(selected)} stage(s) into {out}/", flush=True)
     timings: dict[str, float] = {}
-    for index, (name, script, what) in enumerate(selected, start=1):
+    for index, (name, script, what, extra) in enumerate(selected, start=1):
         stage_dir = out / name
         header = f"[{index}/{len(selected)}] {name}: {what}"
         if _finished(stage_dir, config.quick) and not config.force:
@@ -82,6 +96,7 @@ def run_pipeline(config: PipelineConfig) -> pathlib.Path:
             raise MinillmError(f"{script_path} is missing: run the pipeline from a full checkout of the repository")
         print(f"\n{header}", flush=True)
         command = [sys.executable, str(script_path), "--out", str(stage_dir)] + (["--quick"] if config.quick else [])
+        command += [arg.replace("{out}", str(out)) for arg in extra]
         start = time.perf_counter()
         returncode = subprocess.run(command).returncode
         timings[name] = time.perf_counter() - start
@@ -93,12 +108,12 @@ def run_pipeline(config: PipelineConfig) -> pathlib.Path:
     return summary_path
 
 
-def write_summary(out: pathlib.Path, stages: list[tuple[str, str, str]], timings: dict[str, float]) -> pathlib.Path:
+def write_summary(out: pathlib.Path, stages: list[tuple[str, str, str, list[str]]], timings: dict[str, float]) -> pathlib.Path:
     """A Markdown table of every stage's headline numbers (the ``summary`` of its results.json)."""
     lines = ["# minillm pipeline summary", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} into `{out}/`.", "",
              "| stage | result | value |", "| --- | --- | --- |"]
     plots = []
-    for name, _, _ in stages:
+    for name, *_ in stages:
         results = read_json(out / name / "results.json")
         for metric, value in results.get("summary", {}).items():
             lines.append(f"| {name} | {metric} | {value} |")

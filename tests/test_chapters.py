@@ -54,12 +54,13 @@ def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(tmp_path):
     first = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summary = (out / "summary.md").read_text()
-    assert "| ch02_gradient_descent | SST-2 dev accuracy, Adam |" in summary
+    assert "| ch08_finetune | SST-2 dev accuracy, BERT, pretrained (ch07) |" in summary
+    assert "ch01_hello_pytorch" not in summary  # the main job's stages only (--stages all runs every chapter)
     assert "| ch06_gpt | validation perplexity |" in summary
-    results_before = (out / "ch01_hello_pytorch" / "results.json").stat().st_mtime_ns
+    results_before = (out / "ch03_tokenization" / "results.json").stat().st_mtime_ns
     second = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=tmp_path)
     assert second.returncode == 0 and second.stdout.count("already done") == summary.count("| wall time |")
-    assert (out / "ch01_hello_pytorch" / "results.json").stat().st_mtime_ns == results_before
+    assert (out / "ch03_tokenization" / "results.json").stat().st_mtime_ns == results_before
 
 
 def test_pipeline_rejects_an_unknown_stage_with_one_line(tmp_path):

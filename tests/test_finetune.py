@@ -442,3 +442,135 @@ def test_prompt_tuning_rejects_bad_arguments():
         apply_prompt_tuning(tiny_gpt(), n_prompt_tokens=0)
     with pytest.raises(ValueError, match="already"):
         apply_prompt_tuning(apply_prompt_tuning(tiny_gpt(), n_prompt_tokens=2))
+
+
+# =============================================================================================
+# Fine-tuning with the shared loop: the task, the recipe, the command
+# =============================================================================================
+
+
+def labelled(n, seed=0, vocab=VOCAB):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 12, (n,), generator=generator).tolist()
+    return [(torch.randint(1, vocab, (length,), generator=generator).tolist(), i % 2) for i, length in enumerate(lengths)]
+
+
+def test_classification_task_loss_is_the_mean_cross_entropy_of_the_batch():
+    from minillm.finetune import ClassificationTask
+
+    task = ClassificationTask(labelled(30), labelled(7, seed=1), pad_id=PAD)
+    model = tiny_bert(seed=1).eval()
+    batch = task.sample_batch(5, torch.Generator().manual_seed(0), "cpu")
+    assert batch.input_ids.shape[0] == 5 and torch.all(batch.input_ids[batch.attention_mask == 0] == PAD)
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+        expected = -torch.log_softmax(logits, -1)[torch.arange(5), batch.labels].mean()
+        assert torch.allclose(task.loss(model, batch).double(), expected, atol=1e-12)
+
+
+def test_classification_task_gives_each_process_its_rows_of_one_global_batch():
+    from minillm.finetune import ClassificationTask
+
+    task = ClassificationTask(labelled(40), labelled(5, seed=1), pad_id=PAD)
+    whole = task.sample_batch(8, torch.Generator().manual_seed(4), "cpu")
+    halves = [task.sample_batch(4, torch.Generator().manual_seed(4), "cpu", rank=r, world_size=2) for r in (0, 1)]
+    for rank, half in enumerate(halves):
+        rows = whole.labels[rank * 4:(rank + 1) * 4]
+        assert torch.equal(half.labels, rows)
+
+
+def test_evaluation_batches_cover_every_example_once_and_predict_keeps_pairs_together():
+    from minillm.finetune import ClassificationTask, predict
+
+    val = labelled(23, seed=2)
+    task = ClassificationTask(labelled(10), val, pad_id=PAD)
+    seen = sorted(tuple(ids[mask.bool()].tolist()) for b in task.eval_batches(4, "cpu")
+                  for ids, mask in zip(b.input_ids, b.attention_mask))
+    assert seen == sorted(tuple(ids) for ids, _ in val)
+    predicted, true = predict(tiny_bert(), task, val, "cpu", batch_size=4)
+    assert sorted(true) == sorted(label for _, label in val) and len(predicted) == 23
+
+
+def test_finetune_config_derives_the_step_budget_from_epochs():
+    from minillm.finetune import FinetuneConfig
+
+    loop = FinetuneConfig(epochs=3, batch_size=10, warmup_fraction=0.1).loop_config(steps_per_epoch=7, val_examples=25)
+    assert (loop.max_iters, loop.eval_interval, loop.eval_iters, loop.warmup_iters) == (21, 7, 3, 2)
+
+
+def test_an_empty_example_is_refused():
+    from minillm.finetune import ClassificationTask
+
+    with pytest.raises(MinillmError, match="have no tokens"):
+        ClassificationTask([([], 0), ([3], 1)], [([4], 0)], pad_id=PAD)
+
+
+def test_the_finetune_command_trains_scores_and_refuses_a_missing_run(tmp_path, capsys):
+    from minillm.__main__ import main
+
+    bert = tmp_path / "bert"
+    assert main(["pretrain", "bert", "--quick", "--out", str(bert), "--device", "cpu"]) == 0
+    out = tmp_path / "lora"
+    assert main(["finetune", "--quick", "--init", str(bert), "--method", "lora", "--out", str(out), "--device", "cpu"]) == 0
+    import json
+
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["test"]["accuracy"] <= 1 and results["report_split"] == "SST-2 dev"
+    assert results["trainable_parameters"] < results["total_parameters"]
+    for name in ("tokenizer.json", "model.safetensors", "log.jsonl"):
+        assert (out / name).exists(), name
+    capsys.readouterr()
+    assert main(["finetune", "--quick", "--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert "is not a BERT run folder" in error and "Traceback" not in error
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training memory: weights, gradients, optimizer state, saved activations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_memory_bytes_counts_weights_gradients_and_adamw_state():
+    from minillm import optim
+    from minillm.finetune import training_memory_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # 16 + 10 parameters, fp32
+    model[1].requires_grad_(False)
+    assert training_memory_bytes(model) == 26 * 4 + 16 * 4 + 2 * 16 * 4
+    assert training_memory_bytes(model, optimizer_states_per_param=0) == 26 * 4 + 16 * 4
+    assert training_memory_bytes(model.double(), 1) == 26 * 8 + 2 * 16 * 8
+    # the real optimizer's state: AdamW keeps exactly 2 tensors the size of each trainable parameter
+    optimizer = optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    state = sum(t.nbytes for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    assert training_memory_bytes(model) == sum(p.nbytes for p in model.parameters()) + grads + state
+
+
+def test_saved_activation_bytes_counts_what_backward_will_read():
+    from minillm.finetune import saved_activation_bytes
+
+    x = torch.randn(5, 3)
+    layer = torch.nn.Linear(3, 4)
+    assert saved_activation_bytes(layer, lambda: layer(x).sum()) == x.nbytes  # the input, for the weight's gradient
+    layer.weight.requires_grad_(False)
+    assert saved_activation_bytes(layer, lambda: layer(x).sum()) == 0  # a bias's gradient needs no activation
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert saved_activation_bytes(mlp, lambda: mlp(x).sum()) == x.nbytes + 5 * 4 * 4  # the input + ReLU's output (once)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_linear_probe_saves_only_the_classifiers_input_and_the_others_save_the_bodys(kind):
+    from minillm.finetune import saved_activation_bytes
+
+    ids, mask = padded_batch()
+    run = lambda model: saved_activation_bytes(model, lambda: model(ids, attention_mask=mask).logits.sum())  # noqa: E731
+    head = run(freeze_all_but_head(MODELS[kind](dtype=torch.float32).train()))
+    assert head == len(ids) * D * 4  # (B, C) float32: the pooled [CLS] / last-token vector
+    full = run(MODELS[kind](dtype=torch.float32).train())
+    for efficient in (add_adapters(MODELS[kind](dtype=torch.float32)), apply_lora(MODELS[kind](dtype=torch.float32)),
+                      apply_prompt_tuning(MODELS[kind](dtype=torch.float32), n_prompt_tokens=4)):
+        assert run(efficient.train()) > 10 * head  # the gradient must flow back through every block
+    assert full > 10 * head
