@@ -19,7 +19,8 @@ optimizer state for frozen weights), stores a task in a few kilobytes, and often
   :func:`apply_prompt_tuning`, :class:`PromptTuning`.
 
 Every function here works on :class:`~minillm.bert.BertForSequenceClassification` and
-:class:`GPTForSequenceClassification`; :func:`count_parameters` says how many weights then train.
+:class:`GPTForSequenceClassification`; :func:`count_parameters` says how many weights then train, and
+:func:`training_memory_bytes` and :func:`saved_activation_bytes` what training them keeps in memory.
 The freezing functions and :func:`add_adapters` change the model in place and return it;
 :func:`apply_prompt_tuning` returns a new module that wraps the model (it owns the prompt).
 
@@ -49,7 +50,8 @@ from minillm.layers import Activation, LayerNorm, make_activation
 from minillm.train import LengthBuckets, TrainConfig
 
 __all__ = [
-    "GPTForSequenceClassification", "count_parameters", "freeze_all_but_head", "freeze_except_top_layers",
+    "GPTForSequenceClassification", "count_parameters", "training_memory_bytes", "saved_activation_bytes",
+    "freeze_all_but_head", "freeze_except_top_layers",
     "Adapter", "WithAdapter", "add_adapters", "LoRALinear", "apply_lora", "merge_lora", "lora_layers",
     "PromptTuning", "apply_prompt_tuning",
 ]
@@ -185,6 +187,50 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def training_memory_bytes(model: nn.Module, optimizer_states_per_param: int = 2) -> int:
+    """Bytes that training ``model`` keeps for its weights, besides activations:
+
+    .. math::  \\sum_{\\text{all } p} |p| + (1 + s) \\sum_{\\text{trainable } p} |p|
+
+    every parameter (frozen ones too: the forward pass needs them), one gradient per trainable
+    parameter, and ``s`` optimizer-state tensors per trainable parameter (AdamW: s = 2, the moments
+    m and v; SGD with momentum: 1), each |p| in bytes (numel x element size), each tensor counted once.
+    This is where freezing saves memory: a frozen weight has no gradient and no optimizer state.
+    """
+    if optimizer_states_per_param < 0:
+        raise ValueError(f"optimizer_states_per_param cannot be negative, got {optimizer_states_per_param}")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + (1 + optimizer_states_per_param) * trainable
+
+
+def saved_activation_bytes(model: nn.Module, compute_loss) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while ``compute_loss()`` runs a forward pass.
+
+    These are a training step's activations: what the backward pass will read (a linear layer's
+    input, to form its weight's gradient; a softmax's output; ...). Autograd saves only what some
+    gradient needs, so the memory depends on what trains: with every weight frozen but the head,
+    the body's activations are not saved at all; with LoRA, adapters or a soft prompt they are
+    (the gradient must flow back through every block to reach the lowest trainable weight).
+    Counted with :func:`torch.autograd.graph.saved_tensors_hooks`: every distinct storage saved,
+    except ``model``'s parameters (counted by :func:`training_memory_bytes`). The graph is then
+    dropped without a backward pass.
+    """
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = compute_loss()
+    del loss
+    return sum(saved.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,6 +736,20 @@ def finetune(model, task: ClassificationTask, config: FinetuneConfig, test_examp
 # ---------------------------------------------------------------------------------------------
 
 METHODS = ("full", "head", "top", "adapters", "lora", "prompt")
+
+# A recipe per method, (peak learning rate, AdamW weight decay), for chapter 07's small BERT (1.8M parameters)
+# fine-tuned for one epoch on SST-2 (chapter 09 compares the methods with them). Each learning rate is the best of
+# 2-4 values by held-out loss after one epoch over 17,715 SST-2 phrases (full: 2e-4, 5e-4, 1e-3, 2e-3; head: 3e-3,
+# 1e-2, 3e-2; top: 5e-4, 1e-3, 3e-3; adapters: 1e-3, 3e-3; LoRA: 1e-3, 3e-3, 1e-2; prompt: 3e-3, 1e-2, 3e-2, 0.1),
+# but LoRA's: 3e-3 won there, then collapsed to predicting one class over all 58,722 phrases (3x the steps at a
+# high rate), so its recipe is the safe 1e-3. With one epoch even full fine-tuning takes 1e-3, 5x chapter 08's
+# two-epoch 2e-4 (this BERT was pretrained at 1e-3; BERT-base's 2e-5..5e-5 suit a model 60x larger). Weights that
+# start at zero or at random (the head, adapters, LoRA's B, the prompt) need steps at least as large. No weight
+# decay for adapters, LoRA and the prompt, as in their papers: the Trainer decays every trainable matrix, which
+# would pull them toward "no adaptation".
+METHOD_RECIPES: dict[str, tuple[float, float]] = {
+    "full": (1e-3, 0.01), "head": (1e-2, 0.0), "top": (1e-3, 0.01), "adapters": (1e-3, 0.0), "lora": (1e-3, 0.0),
+    "prompt": (1e-2, 0.0)}
 
 
 @dataclass

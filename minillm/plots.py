@@ -116,6 +116,40 @@ def plot_panels(
     return save_figure(fig, path)
 
 
+def plot_scatter(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    title: str = "",
+    xlabel: str = "x",
+    ylabel: str = "y",
+    logx: bool = False,
+    labels: Mapping[str, Sequence[str]] | None = None,
+) -> pathlib.Path:
+    """Points: one colour per named series of ``(xs, ys)``, each point optionally annotated with its
+    text in ``labels[name]`` (e.g. the settings of a hyperparameter-search trial)."""
+    for name, (xs, ys) in series.items():
+        if len(xs) != len(ys) or len((labels or {}).get(name, xs)) != len(xs):
+            raise ValueError(f"series {name!r} needs as many ys (and labels) as xs ({len(xs)})")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for index, (name, (xs, ys)) in enumerate(series.items()):
+        ax.scatter(xs, ys, s=36, color=f"C{index}", label=name, zorder=3)
+        texts = (labels or {}).get(name, [])
+        for rank, i in enumerate(sorted(range(len(texts)), key=lambda i: xs[i])):  # neighbours: one above, one below
+            ax.annotate(texts[i], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4 if rank % 2 == 0 else -10),
+                        fontsize=7, color=f"C{index}")
+    if logx:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # label the decades only
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
 def plot_trajectories_2d(
     loss_fn,
     trajectories: Mapping[str, Sequence[Sequence[float]]],

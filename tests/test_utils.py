@@ -124,3 +124,13 @@ def test_mlp_has_the_requested_widths_and_no_final_activation():
     assert model(torch.randn(4, 3)).shape == (4, 2)
     with pytest.raises(ValueError):
         MLP([3])
+
+
+def test_scatter_is_written_with_labels_on_a_log_axis_and_refuses_ragged_series(tmp_path):
+    series = {"grid": ([1e-4, 1e-3, 1e-2], [0.6, 0.7, 0.5]), "random": ([3e-4], [0.65])}
+    path = plots.plot_scatter(series, tmp_path / "scatter.png", logx=True, labels={"random": ["r 8"]})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="as many ys"):
+        plots.plot_scatter({"x": ([1.0, 2.0], [1.0])}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="labels"):
+        plots.plot_scatter({"x": ([1.0, 2.0], [1.0, 2.0])}, tmp_path / "bad.png", labels={"x": ["one"]})
