@@ -35,10 +35,14 @@ STAGES: list[tuple[str, str, str, list[str]]] = [
     ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on SST-2 text: masked LM + next sentence; fill-in", []),
     ("ch08_finetune", "chapters/ch08_finetune.py", "BERT (pretrained vs random init) and GPT fine-tuned on SST-2",
      ["--bert", "{out}/ch07_bert"]),
+    ("ch09_efficient", "chapters/ch09_efficient.py", "head-only, top layers, adapters, LoRA, prompt tuning; grid and random search",
+     ["--bert", "{out}/ch07_bert"]),
+    ("ch10_contrastive", "chapters/ch10_contrastive.py", "SimCSE sentence embeddings, probed before and after",
+     ["--init", "{out}/ch07_bert"]),
 ]
 # The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
 MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
-NEEDS = {"ch08_finetune": "ch07_bert"}  # a stage that reads another's run folder
+NEEDS = {"ch08_finetune": "ch07_bert", "ch09_efficient": "ch07_bert", "ch10_contrastive": "ch07_bert"}  # a stage that reads another's run folder
 
 
 @dataclass
