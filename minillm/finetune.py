@@ -47,7 +47,7 @@ from minillm.bert import BertForSequenceClassification, ClassificationOutput, at
 from minillm.device import autocast
 from minillm.gpt import GPT, GPTConfig
 from minillm.layers import Activation, LayerNorm, make_activation
-from minillm.train import LengthBuckets, TrainConfig
+from minillm.train import ExampleDraws, TrainConfig
 
 __all__ = [
     "GPTForSequenceClassification", "count_parameters", "training_memory_bytes", "saved_activation_bytes",
@@ -580,7 +580,7 @@ class ClassificationTask:
         if empty:
             raise MinillmError(f"{len(empty)} example(s) have no tokens: encode at least [CLS] for each")
         self.train, self.val, self.pad_id = list(train), list(val), pad_id
-        self.length_grouping, self.seed, self.buckets = length_grouping, seed, None
+        self.draw = ExampleDraws([len(ids) for ids, _ in self.train], length_grouping, seed)
 
     def batch(self, examples: Sequence[tuple[Sequence[int], int]]) -> ClassificationBatch:
         padded = data.pad_batch([ids for ids, _ in examples], pad_id=self.pad_id)
@@ -588,13 +588,7 @@ class ClassificationTask:
         return ClassificationBatch(padded["input_ids"], padded["attention_mask"], labels)
 
     def sample_batch(self, batch_size: int, generator: torch.Generator, device, rank: int = 0, world_size: int = 1):
-        count = batch_size * world_size
-        if not self.length_grouping:
-            indices = torch.randint(len(self.train), (count,), generator=generator).tolist()
-        else:
-            if self.buckets is None or self.buckets.bucket_size != count * self.length_grouping:
-                self.buckets = LengthBuckets([len(ids) for ids, _ in self.train], count * self.length_grouping, self.seed)
-            indices = self.buckets.sample(count, generator)
+        indices = self.draw(batch_size * world_size, generator)
         mine = indices[rank * batch_size:(rank + 1) * batch_size]  # this process's share of the global batch
         return self.batch([self.train[i] for i in mine]).to(device)
 

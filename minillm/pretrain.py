@@ -30,7 +30,7 @@ from minillm.config import QuickConfig
 from minillm.device import pick_device, seed_everything
 from minillm.gpt import GPT, GPTConfig
 from minillm.tokenization import BPETokenizer, CharTokenizer, UnknownCharacterError, load_tokenizer
-from minillm.train import BEST_MODEL, CHECKPOINT, LanguageModelingTask, LengthBuckets, Trainer, TrainConfig, TrainResult, check_run_folder
+from minillm.train import BEST_MODEL, CHECKPOINT, ExampleDraws, LanguageModelingTask, Trainer, TrainConfig, TrainResult, check_run_folder
 
 
 @dataclass
@@ -273,7 +273,7 @@ class BertPretrainingTask:
         self.val_batches_cache: dict[int, list[BertBatch]] = {}
         self.val_seed = seed + 1
         # Batches of similar-length pairs (0: uniform draws): buckets of length_grouping global batches.
-        self.length_grouping, self.seed, self.buckets = length_grouping, seed, None
+        self.draw = ExampleDraws([len(ids) for ids, _, _ in self.train_examples], length_grouping, seed)
         # Validation in length order: the same examples and masks, a fraction of the padding.
         self.val_examples.sort(key=lambda example: len(example[0]))
 
@@ -289,15 +289,6 @@ class BertPretrainingTask:
         masked, labels = data.mask_tokens(batch.input_ids, self.mask_id, self.vocab_size, self.special_ids,
                                           self.mlm_probability, generator=generator, word_starts=word_starts)
         return BertBatch(masked, batch.token_type_ids, batch.attention_mask, labels, batch.next_sentence_label)
-
-    def draw(self, count: int, generator: torch.Generator) -> list[int]:
-        """``count`` random training-example indices, all of similar length unless ``length_grouping`` is 0."""
-        if not self.length_grouping:
-            return torch.randint(len(self.train_examples), (count,), generator=generator).tolist()
-        if self.buckets is None or self.buckets.bucket_size != count * self.length_grouping:
-            self.buckets = LengthBuckets([len(ids) for ids, _, _ in self.train_examples],
-                                         count * self.length_grouping, seed=self.seed)
-        return self.buckets.sample(count, generator)
 
     def sample_batch(self, batch_size: int, generator: torch.Generator, device, rank: int = 0, world_size: int = 1):
         indices = self.draw(batch_size * world_size, generator)

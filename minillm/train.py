@@ -172,6 +172,21 @@ class LengthBuckets:
         return bucket[torch.randint(len(bucket), (count,), generator=generator)].tolist()
 
 
+class ExampleDraws:
+    """Random training-example indices for a task: batches of similar length (:class:`LengthBuckets`, each
+    bucket ``length_grouping`` global batches wide), or uniform draws when ``length_grouping`` is 0."""
+
+    def __init__(self, lengths, length_grouping: int = 16, seed: int = 0):
+        self.lengths, self.length_grouping, self.seed, self.buckets = list(lengths), length_grouping, seed, None
+
+    def __call__(self, count: int, generator: torch.Generator) -> list[int]:
+        if not self.length_grouping:
+            return torch.randint(len(self.lengths), (count,), generator=generator).tolist()
+        if self.buckets is None or self.buckets.bucket_size != count * self.length_grouping:
+            self.buckets = LengthBuckets(self.lengths, count * self.length_grouping, seed=self.seed)
+        return self.buckets.sample(count, generator)
+
+
 class LanguageModelingTask:
     """Random (x, y) blocks of ``block_size`` tokens from ``train_ids``, y = x shifted by one;
     the loss is the model's mean next-token cross-entropy; validation reads ``val_ids``."""
