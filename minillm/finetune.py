@@ -763,6 +763,16 @@ class FinetuneCommandConfig(FinetuneConfig):
     prompt_tokens: int = field(default=20, metadata={"help": "with --method prompt: soft-prompt vectors"})
     imdb: str = field(default="", metadata={"help": "an aclImdb folder (train/ and test/ with pos/ and neg/) to use "
                                                     "instead of SST-2; test/ is the report split"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's recipe: " + ", ".join(
+        f"{m} {lr:g}" for m, (lr, _) in METHOD_RECIPES.items()) + ")"})
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW decoupled weight decay (default: the method's "
+                                                                       "recipe: 0.01 for full and top, 0 for the rest)"})
+
+    def __post_init__(self):
+        recipe_lr, recipe_weight_decay = METHOD_RECIPES.get(self.method, METHOD_RECIPES["full"])
+        self.lr = recipe_lr if self.lr is None else self.lr
+        self.weight_decay = recipe_weight_decay if self.weight_decay is None else self.weight_decay
+        super().__post_init__()
 
     def validate(self):
         super().validate()

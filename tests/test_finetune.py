@@ -19,9 +19,9 @@ from hypothesis import given, strategies as st
 
 from minillm import MinillmError
 from minillm.bert import BertConfig, BertForSequenceClassification
-from minillm.finetune import (Adapter, GPTForSequenceClassification, LoRALinear, PromptTuning, WithAdapter,
-                              add_adapters, apply_lora, apply_prompt_tuning, count_parameters, freeze_all_but_head,
-                              freeze_except_top_layers, lora_layers, merge_lora)
+from minillm.finetune import (METHOD_RECIPES, Adapter, FinetuneCommandConfig, GPTForSequenceClassification, LoRALinear,
+                              PromptTuning, WithAdapter, add_adapters, apply_lora, apply_prompt_tuning, count_parameters,
+                              freeze_all_but_head, freeze_except_top_layers, lora_layers, merge_lora)
 from minillm.gpt import GPT, GPTConfig
 from minillm.layers import LayerNorm
 
@@ -496,6 +496,14 @@ def test_finetune_config_derives_the_step_budget_from_epochs():
 
     loop = FinetuneConfig(epochs=3, batch_size=10, warmup_fraction=0.1).loop_config(steps_per_epoch=7, val_examples=25)
     assert (loop.max_iters, loop.eval_interval, loop.eval_iters, loop.warmup_iters) == (21, 7, 3, 2)
+
+
+def test_the_finetune_command_takes_each_methods_recipe_unless_told_otherwise():
+    for method, (lr, weight_decay) in METHOD_RECIPES.items():
+        config = FinetuneCommandConfig(method=method)
+        assert (config.lr, config.weight_decay) == (lr, weight_decay)
+    assert FinetuneCommandConfig(method="lora", lr=3e-4, weight_decay=0.1).lr == 3e-4
+    assert METHOD_RECIPES["lora"][0] != METHOD_RECIPES["head"][0]  # the recipes differ, so the check above bites
 
 
 def test_an_empty_example_is_refused():
