@@ -87,6 +87,7 @@ def scaled_dot_product_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., L, S)
+    rows_may_be_empty = attn_mask is not None or key_len == 0  # a causal row always has its first key
     if is_causal:
         attn_mask = causal_mask(query_len, key_len, device=query.device)  # (L, S)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
@@ -95,10 +96,11 @@ def scaled_dot_product_attention(
         scores = scores + attn_mask  # float masks are added
 
     attn_weights = torch.softmax(scores, dim=-1)  # (..., L, S), rows sum to 1
-    # A row whose scores are all -inf has nothing to attend to: softmax gives 0/0 = NaN there.
-    # Define its weights as 0, so its output is 0, as PyTorch's fused kernels do.
-    nothing_allowed = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (..., L, 1)
-    attn_weights = attn_weights.masked_fill(nothing_allowed, 0.0)
+    if rows_may_be_empty:
+        # A row whose scores are all -inf has nothing to attend to: softmax gives 0/0 = NaN there.
+        # Define its weights as 0, so its output is 0, as PyTorch's fused kernels do.
+        nothing_allowed = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (..., L, 1)
+        attn_weights = attn_weights.masked_fill(nothing_allowed, 0.0)
     if dropout_p > 0.0:
         attn_weights = F.dropout(attn_weights, p=dropout_p, training=True)
     output = attn_weights @ value  # (..., L, Ev)
