@@ -7,6 +7,7 @@ same BERT from random initialization with the same budget, and a GPT pretrained 
 (chapter 06's recipe) classifying from its last token. Scored on SST-2 dev against the majority class.
 
     python chapters/ch08_finetune.py --bert runs/ch07    # a CPU: ~10 minutes
+    python chapters/ch08_finetune.py --bert runs/ch07 --labelled 8000 --epochs 5   # few labels, all the text
     python chapters/ch08_finetune.py --quick             # seconds; what the tests run
 """
 
@@ -66,7 +67,7 @@ def main(config: Config) -> dict:
     pretrained_bert = BertForPreTraining.from_run(bert_run)
 
     # 2. SST-2: training phrases (a leak-free slice held out for early stopping), dev sentences for the report.
-    splits = sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit)
+    splits = sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit, labelled=config.labelled)
     print(f"SST-2: {len(splits.train):,} training phrases, {len(splits.val):,} held out, {len(splits.dev):,} dev sentences")
     bert_task = ClassificationTask(encode_for_bert(tokenizer, splits.train, config.max_length),
                                    encode_for_bert(tokenizer, splits.val, config.max_length), special.pad)
@@ -81,7 +82,9 @@ def main(config: Config) -> dict:
                            n_layer=pretrained_bert.config.n_layer, n_head=pretrained_bert.config.n_head,
                            n_embd=pretrained_bert.config.n_embd, bias=True)
     pretrained_gpt = GPT(gpt_config)
-    lm_task = LanguageModelingTask(lm_token_ids(tokenizer, [t for t, _ in splits.train], special.sep),
+    unlabelled = sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit).train if config.labelled \
+        else splits.train  # with --labelled, GPT still pretrains on all the text, as chapter 07's BERT did
+    lm_task = LanguageModelingTask(lm_token_ids(tokenizer, [t for t, _ in unlabelled], special.sep),
                                    lm_token_ids(tokenizer, [t for t, _ in splits.val], special.sep), config.max_length)
     gpt_trainer = Trainer(pretrained_gpt, lm_task, TrainConfig(out=str(out / "gpt_pretraining"), overwrite=True, max_iters=config.gpt_iters,
                                                  batch_size=16, lr=3e-3, min_lr=3e-4, warmup_iters=min(100, config.gpt_iters // 10),

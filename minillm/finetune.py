@@ -640,17 +640,23 @@ class SST2Splits:
     dev: list[tuple[str, int]]
 
 
-def sst2_splits(val_fraction: float = 0.05, seed: int = 0, limit: int = 0) -> SST2Splits:
+def sst2_splits(val_fraction: float = 0.05, seed: int = 0, limit: int = 0, labelled: int = 0) -> SST2Splits:
     """SST-2 train (phrases) split leak-free into train / val (:func:`minillm.data.leak_free_split`: no
     training phrase is part of a validation phrase or the other way round), and SST-2 dev (872 sentences).
 
-    ``limit`` keeps the first N training phrases (0: all 67,349), for quick runs.
+    ``limit`` keeps the first N training phrases (0: all 67,349), for quick runs. ``labelled`` then keeps
+    a random N of the training side only (0: all), the held-out side staying whole: the low-resource
+    setting, where few labels are left to learn from.
     """
     phrases, labels = data.read_sst2("train")
     if limit:
         phrases, labels = phrases[:limit], labels[:limit]
     label_of = dict(zip(phrases, labels))
     train_texts, val_texts = data.leak_free_split(phrases, val_fraction, seed=seed)
+    if labelled and labelled < len(train_texts):
+        import random
+
+        train_texts = random.Random(seed).sample(train_texts, labelled)
     dev_texts, dev_labels = data.read_sst2("dev")
     return SST2Splits([(t, label_of[t]) for t in train_texts], [(t, label_of[t]) for t in val_texts],
                       list(zip(dev_texts, dev_labels)))
@@ -690,6 +696,8 @@ class FinetuneConfig(TrainConfig):
     val_fraction: float = field(default=0.1, metadata={"help": "training phrases drawn for the early-stopping split "
                                                                "(~1 in 9 survives the leak check)"})
     sst2_limit: int = field(default=0, metadata={"help": "use only the first N SST-2 training phrases (0: all)"})
+    labelled: int = field(default=0, metadata={"help": "fine-tune on a random N of the training phrases (0: all), the "
+                                                       "held-out split kept whole: the low-resource setting"})
     QUICK = {"epochs": 2, "batch_size": 16, "sst2_limit": 1500, "progress": False, "max_length": 32}
 
     def validate(self):
@@ -698,6 +706,8 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
         if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0:
             raise ValueError("--warmup-fraction must be in [0, 1) and --val-fraction in (0, 1)")
+        if self.labelled < 0:
+            raise ValueError(f"--labelled must be 0 (all) or a number of phrases, got {self.labelled}")
         if self.max_length < 3:
             raise ValueError(f"--max-length must be at least 3, got {self.max_length}")
 
@@ -802,7 +812,7 @@ def make_efficient(model: nn.Module, config: FinetuneCommandConfig, generator: t
 def labelled_splits(config: FinetuneCommandConfig) -> SST2Splits:
     """SST-2 (train phrases / held-out slice / dev), or IMDB (train reviews / a random 10% of them / test)."""
     if not config.imdb:
-        return sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit)
+        return sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit, labelled=config.labelled)
     import random
 
     texts, labels = data.read_imdb(config.imdb, "train")
