@@ -227,6 +227,7 @@ class SimCSETask:
     """
 
     loss_is_per_token = False
+    loss_unit = "nats/sentence pair"
 
     def __init__(self, train: Sequence[Sequence[int]], val: Sequence[Sequence[int]], pad_id: int,
                  temperature: float = 0.05, pooling: Pooling = "mean", symmetric: bool = False,

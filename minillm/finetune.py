@@ -571,6 +571,7 @@ class ClassificationTask:
     """
 
     loss_is_per_token = False
+    loss_unit = "nats/example"
 
     def __init__(self, train: Sequence[tuple[Sequence[int], int]], val: Sequence[tuple[Sequence[int], int]],
                  pad_id: int, length_grouping: int = 16, seed: int = 0):

@@ -255,6 +255,8 @@ class BertPretrainingTask:
     builds and masks the whole global batch (the same random draws everywhere) and keeps its rows.
     """
 
+    loss_unit = "masked-LM nats/token + next-sentence nats/pair"
+
     def __init__(self, train_examples, val_examples, *, pad_id: int, mask_id: int, vocab_size: int,
                  special_ids, mlm_probability: float = 0.15, dynamic_masking: bool = True,
                  continuation_ids=None, seed: int = 0, length_grouping: int = 16):

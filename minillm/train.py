@@ -192,6 +192,7 @@ class LanguageModelingTask:
     the loss is the model's mean next-token cross-entropy; validation reads ``val_ids``."""
 
     loss_is_per_token = True  # a mean next-token cross-entropy: exp(loss) is a perplexity
+    loss_unit = "nats/token"  # the loss plot's unit
 
     def __init__(self, train_ids: np.ndarray, val_ids: np.ndarray, block_size: int, eval_seed: int = 0):
         for name, ids in (("training", train_ids), ("validation", val_ids)):
@@ -501,7 +502,7 @@ class Trainer:
                                               "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,
                                               "val_perplexity": result.val_perplexity, "train_seconds": seconds,
                                               "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early})
-            plot_run(out)
+            plot_run(out, ylabel=f"loss ({getattr(self.task, 'loss_unit', 'nats')})")
         return result
 
 
@@ -517,8 +518,9 @@ def read_log(out: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
 
 
-def plot_run(out: str | os.PathLike) -> pathlib.Path | None:
-    """``<out>/loss.png``: the training loss at every log interval and the validation estimates."""
+def plot_run(out: str | os.PathLike, ylabel: str = "loss (nats/token)") -> pathlib.Path | None:
+    """``<out>/loss.png``: the training loss at every log interval and the validation estimates.
+    ``ylabel`` names the loss's unit: per token for a language model, per example for a classifier."""
     from minillm.checkpoint import read_safetensors
 
     out = pathlib.Path(out)
@@ -530,4 +532,4 @@ def plot_run(out: str | os.PathLike) -> pathlib.Path | None:
     if history:
         curves["train (per log interval)"] = ([h[0] for h in history], [h[1] for h in history])
     curves["validation (estimate)"] = ([e["step"] for e in log], [e["val_loss"] for e in log])
-    return plots.plot_loss_curves(curves, out / "loss.png", title=f"Training loss: {out.name}", ylabel="loss (nats/token)")
+    return plots.plot_loss_curves(curves, out / "loss.png", title=f"Training loss: {out.name}", ylabel=ylabel)

@@ -188,6 +188,18 @@ def test_early_stopping_keeps_and_restores_the_best_model(tmp_path):
     assert results["stopped_early"] and results["best_step"] == 8 and (tmp_path / "loss.png").exists()
 
 
+def test_the_loss_plot_names_the_tasks_unit(tmp_path, monkeypatch):
+    from minillm import plots
+
+    labels = []
+    monkeypatch.setattr(plots, "plot_loss_curves", lambda curves, path, **kw: labels.append(kw["ylabel"]))
+    train(tmp_path / "lm", max_iters=4)
+    task = make_task()
+    task.loss_unit = "nats/widget"
+    train(tmp_path / "widgets", task=task, max_iters=4)
+    assert labels == ["loss (nats/token)", "loss (nats/widget)"]
+
+
 def test_log_has_one_line_per_estimate_with_the_documented_fields(tmp_path):
     train(tmp_path)
     log = read_log(tmp_path)
