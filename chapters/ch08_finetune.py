@@ -24,7 +24,7 @@ from minillm.checkpoint import write_json
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
 from minillm.finetune import (ClassificationTask, FinetuneConfig, GPTForSequenceClassification, encode_for_bert,
-                              encode_for_gpt, finetune, sst2_splits)
+                              encode_for_gpt, finetune, sst2_splits, with_labelled)
 from minillm.gpt import GPT, GPTConfig
 from minillm.pretrain import BertPretrainConfig, lm_token_ids, pretrain_bert
 from minillm.tokenization import load_library_tokenizer, special_token_ids
@@ -67,7 +67,8 @@ def main(config: Config) -> dict:
     pretrained_bert = BertForPreTraining.from_run(bert_run)
 
     # 2. SST-2: training phrases (a leak-free slice held out for early stopping), dev sentences for the report.
-    splits = sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit, labelled=config.labelled)
+    all_splits = sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit)
+    splits = with_labelled(all_splits, config.labelled, config.seed)  # --labelled: fine-tune on a random N only
     print(f"SST-2: {len(splits.train):,} training phrases, {len(splits.val):,} held out, {len(splits.dev):,} dev sentences")
     bert_task = ClassificationTask(encode_for_bert(tokenizer, splits.train, config.max_length),
                                    encode_for_bert(tokenizer, splits.val, config.max_length), special.pad)
@@ -82,9 +83,8 @@ def main(config: Config) -> dict:
                            n_layer=pretrained_bert.config.n_layer, n_head=pretrained_bert.config.n_head,
                            n_embd=pretrained_bert.config.n_embd, bias=True)
     pretrained_gpt = GPT(gpt_config)
-    unlabelled = sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit).train if config.labelled \
-        else splits.train  # with --labelled, GPT still pretrains on all the text, as chapter 07's BERT did
-    lm_task = LanguageModelingTask(lm_token_ids(tokenizer, [t for t, _ in unlabelled], special.sep),
+    # Even with --labelled, GPT pretrains on all the training text, as chapter 07's BERT did.
+    lm_task = LanguageModelingTask(lm_token_ids(tokenizer, [t for t, _ in all_splits.train], special.sep),
                                    lm_token_ids(tokenizer, [t for t, _ in splits.val], special.sep), config.max_length)
     gpt_trainer = Trainer(pretrained_gpt, lm_task, TrainConfig(out=str(out / "gpt_pretraining"), overwrite=True, max_iters=config.gpt_iters,
                                                  batch_size=16, lr=3e-3, min_lr=3e-4, warmup_iters=min(100, config.gpt_iters // 10),

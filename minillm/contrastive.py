@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm import MinillmError, data
+from minillm.bert import at_least_fp32  # bf16/fp16 upcast: cosines near 1 need the mantissa
 from minillm.train import TrainConfig
 
 Pooling = Literal["cls", "pooler", "mean"]
@@ -64,11 +65,6 @@ def _check_pair(z1: torch.Tensor, z2: torch.Tensor) -> None:
                          f"and {tuple(z2.shape)}")
 
 
-def _at_least_fp32(z: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 (autocast) upcast: cosine similarities near 1 need the mantissa; fp32/fp64 kept."""
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-
-
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, symmetric: bool = False) -> torch.Tensor:
     """The InfoNCE loss of N positive pairs (row i of ``z1`` with row i of ``z2``) with in-batch negatives.
 
@@ -86,7 +82,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, symm
     _check_pair(z1, z2)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    z1, z2 = F.normalize(_at_least_fp32(z1), dim=-1), F.normalize(_at_least_fp32(z2), dim=-1)
+    z1, z2 = F.normalize(at_least_fp32(z1), dim=-1), F.normalize(at_least_fp32(z2), dim=-1)
     logits = z1 @ z2.T / temperature  # (N, N): logits[i, j] = sim(z1_i, z2_j) / τ
     targets = torch.arange(len(z1), device=z1.device)  # the diagonal: row i's partner is column i
     loss = F.cross_entropy(logits, targets)
@@ -98,7 +94,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, symm
 def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     """Wang & Isola (2020): E ‖ẑ1_i - ẑ2_i‖^α over the positive pairs of normalized embeddings; 0 is perfect."""
     _check_pair(z1, z2)
-    z1, z2 = F.normalize(_at_least_fp32(z1), dim=-1), F.normalize(_at_least_fp32(z2), dim=-1)
+    z1, z2 = F.normalize(at_least_fp32(z1), dim=-1), F.normalize(at_least_fp32(z2), dim=-1)
     return (z1 - z2).norm(dim=-1).pow(alpha).mean()
 
 
@@ -107,7 +103,7 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     0 when all rows coincide (collapse); lower is more uniform over the sphere (about -t·2 at best in high d)."""
     if z.dim() != 2 or z.shape[0] < 2:
         raise ValueError(f"uniformity needs an (N, d) tensor with N >= 2, got {tuple(z.shape)}")
-    z = F.normalize(_at_least_fp32(z), dim=-1)
+    z = F.normalize(at_least_fp32(z), dim=-1)
     squared = torch.pdist(z).pow(2)  # the N(N-1)/2 distinct pairs
     return torch.logsumexp(-t * squared, dim=0) - torch.log(torch.tensor(float(len(squared)), dtype=z.dtype, device=z.device))
 
@@ -226,7 +222,6 @@ class SimCSETask:
     Under torchrun each process contrasts its own share of the batch only (no all-gather of negatives).
     """
 
-    loss_is_per_token = False
     loss_unit = "nats/sentence pair"
 
     def __init__(self, train: Sequence[Sequence[int]], val: Sequence[Sequence[int]], pad_id: int,

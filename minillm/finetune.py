@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal, Sequence
 
@@ -570,7 +571,6 @@ class ClassificationTask:
     validation loss is weighted by examples, not tokens (``eval_weight``).
     """
 
-    loss_is_per_token = False
     loss_unit = "nats/example"
 
     def __init__(self, train: Sequence[tuple[Sequence[int], int]], val: Sequence[tuple[Sequence[int], int]],
@@ -641,26 +641,28 @@ class SST2Splits:
     dev: list[tuple[str, int]]
 
 
-def sst2_splits(val_fraction: float = 0.05, seed: int = 0, limit: int = 0, labelled: int = 0) -> SST2Splits:
+def sst2_splits(val_fraction: float = 0.05, seed: int = 0, limit: int = 0) -> SST2Splits:
     """SST-2 train (phrases) split leak-free into train / val (:func:`minillm.data.leak_free_split`: no
     training phrase is part of a validation phrase or the other way round), and SST-2 dev (872 sentences).
 
-    ``limit`` keeps the first N training phrases (0: all 67,349), for quick runs. ``labelled`` then keeps
-    a random N of the training side only (0: all), the held-out side staying whole: the low-resource
-    setting, where few labels are left to learn from.
+    ``limit`` keeps the first N training phrases (0: all 67,349), for quick runs.
     """
     phrases, labels = data.read_sst2("train")
     if limit:
         phrases, labels = phrases[:limit], labels[:limit]
     label_of = dict(zip(phrases, labels))
     train_texts, val_texts = data.leak_free_split(phrases, val_fraction, seed=seed)
-    if labelled and labelled < len(train_texts):
-        import random
-
-        train_texts = random.Random(seed).sample(train_texts, labelled)
     dev_texts, dev_labels = data.read_sst2("dev")
     return SST2Splits([(t, label_of[t]) for t in train_texts], [(t, label_of[t]) for t in val_texts],
                       list(zip(dev_texts, dev_labels)))
+
+
+def with_labelled(splits: SST2Splits, labelled: int, seed: int = 0) -> SST2Splits:
+    """``splits`` with only a seeded random ``labelled`` of its training examples (0, or more than there
+    are: all), the held-out and report splits whole: the low-resource setting, few labels to learn from."""
+    if not labelled or labelled >= len(splits.train):
+        return splits
+    return replace(splits, train=random.Random(seed).sample(splits.train, labelled))
 
 
 def encode_for_bert(tokenizer, texts_and_labels, max_length: int) -> list[tuple[list[int], int]]:
@@ -697,7 +699,7 @@ class FinetuneConfig(TrainConfig):
     val_fraction: float = field(default=0.1, metadata={"help": "training phrases drawn for the early-stopping split "
                                                                "(~1 in 9 survives the leak check)"})
     sst2_limit: int = field(default=0, metadata={"help": "use only the first N SST-2 training phrases (0: all)"})
-    labelled: int = field(default=0, metadata={"help": "fine-tune on a random N of the training phrases (0: all), the "
+    labelled: int = field(default=0, metadata={"help": "fine-tune on a random N of the training examples (0: all), the "
                                                        "held-out split kept whole: the low-resource setting"})
     QUICK = {"epochs": 2, "batch_size": 16, "sst2_limit": 1500, "progress": False, "max_length": 32}
 
@@ -780,12 +782,15 @@ class FinetuneCommandConfig(FinetuneConfig):
                                                                        "recipe: 0.01 for full and top, 0 for the rest)"})
 
     def __post_init__(self):
-        recipe_lr, recipe_weight_decay = METHOD_RECIPES.get(self.method, METHOD_RECIPES["full"])
-        self.lr = recipe_lr if self.lr is None else self.lr
-        self.weight_decay = recipe_weight_decay if self.weight_decay is None else self.weight_decay
+        if self.method in METHOD_RECIPES:  # an unknown method is validate's to refuse
+            recipe_lr, recipe_weight_decay = METHOD_RECIPES[self.method]
+            self.lr = recipe_lr if self.lr is None else self.lr
+            self.weight_decay = recipe_weight_decay if self.weight_decay is None else self.weight_decay
         super().__post_init__()
 
     def validate(self):
+        if self.method not in METHOD_RECIPES:
+            raise ValueError(f"--method must be one of {', '.join(METHOD_RECIPES)}, got {self.method!r}")
         super().validate()
         for name in ("top_layers", "adapter_size", "lora_r", "prompt_tokens"):
             if getattr(self, name) < 1 and not (name == "top_layers" and getattr(self, name) == 0):
@@ -813,15 +818,15 @@ def make_efficient(model: nn.Module, config: FinetuneCommandConfig, generator: t
 def labelled_splits(config: FinetuneCommandConfig) -> SST2Splits:
     """SST-2 (train phrases / held-out slice / dev), or IMDB (train reviews / a random 10% of them / test)."""
     if not config.imdb:
-        return sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit, labelled=config.labelled)
-    import random
-
+        return with_labelled(sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit),
+                             config.labelled, config.seed)
     texts, labels = data.read_imdb(config.imdb, "train")
     test_texts, test_labels = data.read_imdb(config.imdb, "test")
     examples = list(zip(texts, labels))
     random.Random(config.seed).shuffle(examples)
     n_val = max(1, int(len(examples) * config.val_fraction))
-    return SST2Splits(examples[n_val:], examples[:n_val], list(zip(test_texts, test_labels)))
+    return with_labelled(SST2Splits(examples[n_val:], examples[:n_val], list(zip(test_texts, test_labels))),
+                         config.labelled, config.seed)
 
 
 def run_finetune(config: FinetuneCommandConfig) -> dict:

@@ -191,8 +191,7 @@ class LanguageModelingTask:
     """Random (x, y) blocks of ``block_size`` tokens from ``train_ids``, y = x shifted by one;
     the loss is the model's mean next-token cross-entropy; validation reads ``val_ids``."""
 
-    loss_is_per_token = True  # a mean next-token cross-entropy: exp(loss) is a perplexity
-    loss_unit = "nats/token"  # the loss plot's unit
+    loss_unit = "nats/token"  # a mean next-token cross-entropy: exp(loss) is a perplexity
 
     def __init__(self, train_ids: np.ndarray, val_ids: np.ndarray, block_size: int, eval_seed: int = 0):
         for name, ids in (("training", train_ids), ("validation", val_ids)):
@@ -495,14 +494,15 @@ class Trainer:
         val_loss = self.evaluate(None)
         result = TrainResult(step, state["best_step"], state["best_val_loss"], val_loss, seconds,
                              run_tokens / seconds if seconds else 0.0, stopped_early, out)
-        perplexity = f", perplexity {result.val_perplexity:.2f}" if getattr(self.task, "loss_is_per_token", False) else ""
+        loss_unit = getattr(self.task, "loss_unit", "nats")  # only a per-token loss has a perplexity
+        perplexity = f", perplexity {result.val_perplexity:.2f}" if loss_unit == "nats/token" else ""
         self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}")
         if self.dist.is_main:
             write_json(out / "results.json", {"steps": step, "best_step": result.best_step,
                                               "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,
                                               "val_perplexity": result.val_perplexity, "train_seconds": seconds,
                                               "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early})
-            plot_run(out, ylabel=f"loss ({getattr(self.task, 'loss_unit', 'nats')})")
+            plot_run(out, ylabel=f"loss ({loss_unit})")
         return result
 
 

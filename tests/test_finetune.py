@@ -507,18 +507,21 @@ def test_the_finetune_command_takes_each_methods_recipe_unless_told_otherwise():
         assert (config.lr, config.weight_decay) == (lr, weight_decay)
     assert FinetuneCommandConfig(method="lora", lr=3e-4, weight_decay=0.1).lr == 3e-4
     assert METHOD_RECIPES["lora"][0] != METHOD_RECIPES["head"][0]  # the recipes differ, so the check above bites
+    with pytest.raises(ValueError, match="--method must be one of"):
+        FinetuneCommandConfig(method="sideways")
 
 
 def test_labelled_keeps_a_seeded_sample_of_the_training_side_and_the_whole_held_out_side():
-    from minillm.finetune import sst2_splits
+    from minillm.finetune import sst2_splits, with_labelled
 
     whole = sst2_splits(0.1, seed=3, limit=3000)
-    few = sst2_splits(0.1, seed=3, limit=3000, labelled=200)
+    few = with_labelled(whole, 200, seed=3)
     assert len(few.train) == 200 and set(few.train) <= set(whole.train)
     assert few.val == whole.val and few.dev == whole.dev
-    assert sst2_splits(0.1, seed=3, limit=3000, labelled=200).train == few.train  # the seed fixes the sample
-    assert sst2_splits(0.1, seed=4, limit=3000, labelled=200).train != few.train
-    assert sst2_splits(0.1, seed=3, limit=3000, labelled=10**6).train == whole.train  # more than there are: all
+    assert with_labelled(whole, 200, seed=3).train == few.train  # the seed fixes the sample
+    assert with_labelled(whole, 200, seed=4).train != few.train
+    assert with_labelled(whole, 10**6, seed=3).train == whole.train  # more than there are: all
+    assert with_labelled(whole, 0, seed=3).train == whole.train  # 0: all
 
 
 def test_an_empty_example_is_refused():
