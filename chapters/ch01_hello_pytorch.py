@@ -51,7 +51,7 @@ def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
     seed_everything(config.seed)
     device = pick_device(config.device)
-    print(f"Running on {describe_device(device)} with torch {torch.__version__}")
+    print(f"Running on {describe_device(device, 'fp32')} with torch {torch.__version__}")
 
     # 1. Tensors: n-dimensional arrays with a shape, a dtype and a device.
     x = torch.arange(6, dtype=torch.float32).reshape(2, 3)  # (2, 3)
@@ -106,7 +106,7 @@ def main(config: Config) -> dict:
     print(f"\n5. Forward of a {config.bench_width}-wide, 3-layer MLP on a batch of {config.bench_batch}: "
           f"eager {eager_s * 1e3:.2f} ms" + (f", compiled {compiled_s * 1e3:.2f} ms" if compiled_s else ", compiled: skipped"))
 
-    results = {"device": describe_device(device), "grad_check_max_rel_error": grad_error,
+    results = {"device": describe_device(device, "fp32"), "grad_check_max_rel_error": grad_error,
                "final_train_mse": losses[-1], "eager_ms": eager_s * 1e3,
                "compiled_ms": compiled_s * 1e3 if compiled_s else None, "config": asdict(config)}
     summary = {"autograd vs finite difference (max rel. error)": f"{grad_error:.1e}",

@@ -252,7 +252,7 @@ def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
     seed_everything(config.seed)
     device = pick_device(config.device)
-    print(f"Running on {describe_device(device)} with torch {torch.__version__}\n")
+    print(f"Running on {describe_device(device, 'fp32')} with torch {torch.__version__}\n")
     results = {"by_hand": attention_by_hand(), "scaling": why_scale(out, torch.Generator().manual_seed(config.seed))}
     results["multi_head"] = multi_head(config, device)
     results["reversal"] = learn_reversal(config, device, out)

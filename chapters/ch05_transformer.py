@@ -74,7 +74,7 @@ def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
     seed_everything(config.seed)
     device = pick_device(config.device)
-    print(f"Running on {describe_device(device)}")
+    print(f"Running on {describe_device(device, 'fp32')}")  # its loop (minillm.seq2seq) runs in fp32
 
     # 1. The parts, checked against PyTorch (tests/test_layers.py does this for random shapes, and
     #    for whole encoder and decoder blocks against torch.nn.TransformerEncoderLayer / DecoderLayer).

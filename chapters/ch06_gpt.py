@@ -1,9 +1,9 @@
 """Chapter 06: GPT, pretrained on Tiny Shakespeare with the one training loop every later chapter uses.
 
 Tokenizes the play by characters (first 90% trains, last 10% validates, as nanoGPT splits it), builds
-a GPT, trains it with minillm.train (AdamW, warmup + cosine, clipping, checkpoints; bf16 and
-torch.compile on a GPU), reports validation loss and perplexity, samples at several temperatures,
-with top-k and top-p, and measures what the KV cache buys.
+a GPT, trains it with minillm.train (AdamW, warmup + cosine, clipping, checkpoints; bf16 on a GPU or
+a CPU with bf16 instructions, torch.compile on a GPU), reports validation loss and perplexity, samples
+at several temperatures, with top-k and top-p, and measures what the KV cache buys.
 
     python chapters/ch06_gpt.py            # a CPU: nanoGPT's CPU shape, ~2 min; a GPU: the "baby GPT"
     python chapters/ch06_gpt.py --quick    # seconds; what the tests run
@@ -47,7 +47,7 @@ def main(config: Config) -> dict:
     if device.type == "cuda" and config.gpu_preset and not config.quick:
         config = Config(**{**asdict(config), **BABY_GPT})
     config.overwrite = not config.resume  # a chapter run replaces the previous one
-    print(f"Running on {describe_device(device)}")
+    print(f"Running on {describe_device(device, config.precision)}")
 
     # 1. Data: characters, the first 90% to train on, the last 10% to validate on.
     tokenizer, train_ids, val_ids = tokenize_corpus(config)

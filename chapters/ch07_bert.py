@@ -49,7 +49,7 @@ def main(config: Config) -> dict:
         config = Config(**{**asdict(config), **GPU_PRESET})
     config.overwrite = not config.resume  # a chapter run replaces the previous one
     seed_everything(config.seed)
-    print(f"Running on {describe_device(device)}")
+    print(f"Running on {describe_device(device, config.precision)}")
 
     # 1. Data: documents of two segments, a leak-free held-out slice, WordPiece, NSP pairs, masking.
     tokenizer, train_docs, val_docs = bert_corpus(config)

@@ -53,7 +53,7 @@ class Config(FinetuneConfig):
 def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
     device = pick_device(config.device)
-    print(f"Running on {describe_device(device)}")
+    print(f"Running on {describe_device(device, config.precision)}")
     seeds = [int(s) for s in config.seeds.split(",")]
 
     # 1. A pretrained BERT (chapter 07's run, or one made now) and its WordPiece tokenizer.
@@ -61,6 +61,7 @@ def main(config: Config) -> dict:
     if not config.bert:
         print(f"No --bert run given: pretraining one first (chapter 07's {'quick' if config.quick else 'default'} run)")
         pretrain_bert(BertPretrainConfig(out=str(bert_run), overwrite=True, quick=config.quick, device=config.device,
+                                         precision=config.precision,
                                          **(BertPretrainConfig.QUICK if config.quick else {})))
     tokenizer = load_library_tokenizer(bert_run / "tokenizer.json")
     special = special_token_ids(tokenizer)
@@ -89,7 +90,8 @@ def main(config: Config) -> dict:
     gpt_trainer = Trainer(pretrained_gpt, lm_task, TrainConfig(out=str(out / "gpt_pretraining"), overwrite=True, max_iters=config.gpt_iters,
                                                  batch_size=16, lr=3e-3, min_lr=3e-4, warmup_iters=min(100, config.gpt_iters // 10),
                                                  eval_interval=max(config.gpt_iters // 4, 1), eval_iters=10,
-                                                 progress=config.progress, device=config.device, quick=config.quick))
+                                                 progress=config.progress, device=config.device, precision=config.precision,
+                                                 quick=config.quick))
     if not config.skip_gpt:
         gpt_trainer.fit()
 

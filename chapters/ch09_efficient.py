@@ -65,12 +65,13 @@ class Config(FinetuneConfig):
 
 def main(config: Config) -> dict:
     start, out, device = time.perf_counter(), pathlib.Path(config.out), pick_device(config.device)
-    print(f"Running on {describe_device(device)}")
+    print(f"Running on {describe_device(device, config.precision)}")
     bert_run = pathlib.Path(config.bert) if config.bert else out / "bert_pretraining"
     if not config.bert and not ((bert_run / "results.json").is_file()  # a finished one of the same kind is reused
                                 and read_json(bert_run / "config.json")["train_config"]["quick"] == config.quick):
         print(f"No --bert run given: pretraining one first (chapter 07's {'quick' if config.quick else 'default'} run)")
         pretrain_bert(BertPretrainConfig(out=str(bert_run), overwrite=True, quick=config.quick, device=config.device,
+                                         precision=config.precision,
                                          **(BertPretrainConfig.QUICK if config.quick else {})))
     bert, tokenizer = BertForPreTraining.from_run(bert_run), load_library_tokenizer(bert_run / "tokenizer.json")
     if config.max_length + config.prompt_tokens > bert.config.max_len:

@@ -52,7 +52,7 @@ def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
     device = pick_device(config.device)
     config.overwrite = not config.resume  # a chapter run replaces the previous one
-    print(f"Running on {describe_device(device)}")
+    print(f"Running on {describe_device(device, config.precision)}")
 
     # 1. A BERT pretrained by masked LM + next-sentence prediction, and its WordPiece tokenizer.
     bert_run = pathlib.Path(config.init) if config.init else out / "bert_pretraining"
@@ -60,7 +60,7 @@ def main(config: Config) -> dict:
         print(f"No --init run given: pretraining a BERT first ({config.pretrain_iters:,} steps of chapter 07's recipe)")
         quick = BertPretrainConfig.QUICK if config.quick else {}
         pretrain_bert(BertPretrainConfig(**{**quick, "out": str(bert_run), "overwrite": True, "quick": config.quick,
-                                            "device": config.device, "max_iters": config.pretrain_iters,
+                                            "device": config.device, "precision": config.precision, "max_iters": config.pretrain_iters,
                                             "warmup_iters": min(200, config.pretrain_iters // 10)}))
     tokenizer = load_library_tokenizer(bert_run / "tokenizer.json")
     pad = special_token_ids(tokenizer).pad

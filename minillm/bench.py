@@ -13,17 +13,26 @@ not part of it; the first ``warmup`` steps (compilation, allocator, autotuning) 
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
-from minillm import MinillmError
+from minillm import MinillmError, data
 from minillm.benchmark import synchronize
 from minillm.config import QuickConfig
-from minillm.device import autocast, autocast_dtype, describe_device, maybe_compile, pick_device, seed_everything
+from minillm.device import (autocast, autocast_dtype, describe_device, keep_freed_memory, maybe_compile, pick_device,
+                            seed_everything)
 from minillm.gpt import GPT, GPTConfig
 from minillm.train import TrainConfig, make_optimizer
 
@@ -67,34 +76,46 @@ class ReferenceGPT(torch.nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         d, bias = config.n_embd, config.bias
-        self.n_head = config.n_head
+        self.n_head, self.dropout = config.n_head, config.dropout
         self.wte = torch.nn.Embedding(config.vocab_size, d)
         self.wpe = torch.nn.Embedding(config.block_size, d)
+        self.drop = torch.nn.Dropout(config.dropout)
         self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({
             "ln_1": torch.nn.LayerNorm(d, bias=bias), "c_attn": torch.nn.Linear(d, 3 * d, bias=bias),
-            "c_proj": torch.nn.Linear(d, d, bias=bias), "ln_2": torch.nn.LayerNorm(d, bias=bias),
-            "c_fc": torch.nn.Linear(d, 4 * d, bias=bias), "gelu": torch.nn.GELU(),
-            "mlp_proj": torch.nn.Linear(4 * d, d, bias=bias)}) for _ in range(config.n_layer))
+            "c_proj": torch.nn.Linear(d, d, bias=bias), "resid_dropout": torch.nn.Dropout(config.dropout),
+            "ln_2": torch.nn.LayerNorm(d, bias=bias), "c_fc": torch.nn.Linear(d, 4 * d, bias=bias), "gelu": torch.nn.GELU(),
+            "mlp_proj": torch.nn.Linear(4 * d, d, bias=bias), "mlp_dropout": torch.nn.Dropout(config.dropout)})
+            for _ in range(config.n_layer))
         self.ln_f = torch.nn.LayerNorm(d, bias=bias)
         self.lm_head = torch.nn.Linear(d, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
+        for module in self.modules():  # nanoGPT's (GPT-2's) init: N(0, 0.02), zero biases, scaled residual outputs
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for projection in (block["c_proj"], block["mlp_proj"]):
+                torch.nn.init.normal_(projection.weight, mean=0.0, std=0.02 / (2 * config.n_layer) ** 0.5)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor):
         batch, length = idx.shape
-        x = self.wte(idx) + self.wpe(torch.arange(length, device=idx.device))  # (B, T, C)
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(length, device=idx.device)))  # (B, T, C)
         for block in self.blocks:
             q, k, v = block["c_attn"](block["ln_1"](x)).split(x.shape[-1], dim=2)
             q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + block["c_proj"](y.transpose(1, 2).reshape(batch, length, -1))  # (B, T, C)
-            x = x + block["mlp_proj"](block["gelu"](block["c_fc"](block["ln_2"](x))))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                 dropout_p=self.dropout if self.training else 0.0)
+            x = x + block["resid_dropout"](block["c_proj"](y.transpose(1, 2).reshape(batch, length, -1)))  # (B, T, C)
+            x = x + block["mlp_dropout"](block["mlp_proj"](block["gelu"](block["c_fc"](block["ln_2"](x)))))
         logits = self.lm_head(self.ln_f(x))
         return logits, torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
 @dataclass
 class BenchConfig(QuickConfig):
-    """Measure the training step of a GPT shape: tokens/s, ms per step, and MFU on CUDA."""
+    """Measure the training step of a GPT shape (tokens/s, ms per step, MFU on CUDA), or with --whole-run
+    time whole training runs of minillm against nanoGPT's loop."""
 
     preset: Literal["auto", "cpu-recipe", "baby-gpt", "gpt2-124m"] = field(
         default="auto", metadata={"help": "model shape and batch (auto: gpt2-124m on CUDA, cpu-recipe elsewhere)"})
@@ -107,20 +128,29 @@ class BenchConfig(QuickConfig):
     steps: int = field(default=30, metadata={"help": "timed training steps"})
     warmup: int = field(default=5, metadata={"help": "untimed steps first (compilation, autotuning)"})
     compile: Literal["auto", "yes", "no"] = field(default="auto", metadata={"help": "torch.compile (auto: on CUDA)"})
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto", metadata={"help": "minillm's matmul precision, as in training (auto: bf16 on CUDA and on CPUs with "
+                                          "bf16 instructions); the nanoGPT-style reference always does what nanoGPT does"})
     optimizer: Literal["minillm", "torch", "torch-fused"] = field(
         default="minillm", metadata={"help": "the AdamW that steps: hand-written, torch's, torch's fused"})
     bias: bool = field(default=False, metadata={"help": "biases in linear layers and norms"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
     peak_tflops: float | None = field(default=None, metadata={"help": "the device's bf16 peak in TFLOP/s, if not known"})
     compare: bool = field(default=False, metadata={"help": "also time the same model written as nanoGPT writes it (ReferenceGPT + torch AdamW), alternating"})
-    rounds: int = field(default=3, metadata={"help": "with --compare: alternate this many timed rounds of each, report medians"})
+    rounds: int = field(default=3, metadata={"help": "with --compare or --whole-run: alternate this many rounds of each, report medians"})
+    whole_run: bool = field(default=False, metadata={
+        "help": "time whole runs instead of steps: 'python -m minillm pretrain gpt' against nanoGPT's train.py loop "
+                "(re-typed, its Tiny Shakespeare recipe), each in a fresh process, on the preset's shape"})
+    max_iters: int = field(default=2000, metadata={"help": "with --whole-run: training steps of each run"})
+    data: str = field(default="", metadata={"help": "with --whole-run: the corpus (default: the shipped data/tinyshakespeare.txt)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "random seed"})
-    QUICK = {"preset": "cpu-recipe", "steps": 3, "warmup": 1, "n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16}
+    QUICK = {"preset": "cpu-recipe", "steps": 3, "warmup": 1, "n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16,
+             "max_iters": 6}
 
     def validate(self):
-        if self.steps < 1 or self.warmup < 0 or self.rounds < 1:
-            raise ValueError("--steps and --rounds must be at least 1 and --warmup not negative")
+        if self.steps < 1 or self.warmup < 0 or self.rounds < 1 or self.max_iters < 1:
+            raise ValueError("--steps, --rounds and --max-iters must be at least 1 and --warmup not negative")
 
 
 def _timed_steps(step: Callable[[], torch.Tensor], device: torch.device, steps: int) -> float:
@@ -134,9 +164,9 @@ def _timed_steps(step: Callable[[], torch.Tensor], device: torch.device, steps: 
     return (time.perf_counter() - start) / steps
 
 
-def _train_step(model, optimizer, x, y, device):
+def _train_step(model, optimizer, x, y, device, precision: str = "auto"):
     def step():
-        with autocast(device):
+        with autocast(device, precision=precision):
             _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -146,15 +176,35 @@ def _train_step(model, optimizer, x, y, device):
     return step
 
 
-def run_bench(config: BenchConfig) -> dict:
-    device = pick_device(config.device)
-    seed_everything(config.seed)
-    preset = config.preset if config.preset != "auto" else ("gpt2-124m" if device.type == "cuda" else "cpu-recipe")
+def nanogpt_precision(device: torch.device) -> str:
+    """What nanoGPT's train.py runs in: fp32 on a CPU (no autocast there), bf16 autocast on a CUDA GPU that has it."""
+    return "auto" if device.type == "cuda" else "fp32"
+
+
+def nanogpt_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """nanoGPT's ``configure_optimizers``: torch's AdamW, decay 0.1 on matrices, betas (0.9, 0.99), fused on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+
+
+def _shape(config: BenchConfig, device: torch.device) -> tuple[str, dict, int]:
+    preset = config.preset if config.preset != "auto" else ("gpt2-124m" if device.type == "cuda" and not config.whole_run
+                                                            else "cpu-recipe")
     shape = dict(PRESETS[preset])
     for name in shape:
         if getattr(config, name) is not None:
             shape[name] = getattr(config, name)
-    batch_size = shape.pop("batch_size")
+    return preset, shape, shape.pop("batch_size")
+
+
+def run_bench(config: BenchConfig) -> dict:
+    device = pick_device(config.device)
+    if config.whole_run:
+        return run_whole_runs(config, device)
+    seed_everything(config.seed)
+    preset, shape, batch_size = _shape(config, device)
     try:
         model_config = GPTConfig(**shape, dropout=config.dropout, bias=config.bias)
     except ValueError as error:
@@ -167,17 +217,17 @@ def run_bench(config: BenchConfig) -> dict:
     generator = torch.Generator().manual_seed(config.seed)
     x = torch.randint(model_config.vocab_size, (batch_size, model_config.block_size), generator=generator).to(device)
     y = torch.randint(model_config.vocab_size, (batch_size, model_config.block_size), generator=generator).to(device)
-    print(f"bench {preset} on {describe_device(device)}: {model.num_parameters():,} parameters, batch {batch_size} x "
-          f"{model_config.block_size} tokens, compile {'on' if use_compile else 'off'}, optimizer {config.optimizer}", flush=True)
-    runs = {"minillm": _train_step(model, optimizer, x, y, device)}
+    if device.type == "cpu":
+        keep_freed_memory()  # as the Trainer does
+    print(f"bench {preset} on {describe_device(device, config.precision)}: {model.num_parameters():,} parameters, batch "
+          f"{batch_size} x {model_config.block_size} tokens, compile {'on' if use_compile else 'off'}, optimizer "
+          f"{config.optimizer}", flush=True)
+    runs = {"minillm": _train_step(model, optimizer, x, y, device, config.precision)}
     if config.compare:
         reference = ReferenceGPT(model_config).to(device)
         maybe_compile(reference, device, enabled=use_compile)
-        decay = [p for p in reference.parameters() if p.dim() >= 2]
-        no_decay = [p for p in reference.parameters() if p.dim() < 2]
-        reference_optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                                lr=1e-3, betas=(0.9, 0.99))
-        runs["nanoGPT-style reference"] = _train_step(reference, reference_optimizer, x, y, device)
+        runs["nanoGPT-style reference"] = _train_step(reference, nanogpt_optimizer(reference, 1e-3, device), x, y, device,
+                                                      nanogpt_precision(device))
 
     start = time.perf_counter()
     for step in runs.values():
@@ -191,9 +241,9 @@ def run_bench(config: BenchConfig) -> dict:
             timings[name].append(_timed_steps(step, device, config.steps))
     seconds = statistics.median(timings["minillm"])
     tokens_per_s = batch_size * model_config.block_size / seconds
-    result = {"preset": preset, "device": describe_device(device), "ms_per_step": seconds * 1e3,
+    result = {"preset": preset, "device": describe_device(device, config.precision), "ms_per_step": seconds * 1e3,
               "tokens_per_s": tokens_per_s, "warmup_seconds": warmup_seconds, "parameters": model.num_parameters(),
-              "dtype": str(autocast_dtype(device)).replace("torch.", "")}
+              "dtype": str(autocast_dtype(device, config.precision)).replace("torch.", "")}
     peak = config.peak_tflops * 1e12 if config.peak_tflops else peak_flops(device)
     line = f"minillm: {seconds * 1e3:.1f} ms/step, {tokens_per_s:,.0f} tokens/s (warmup {warmup_seconds:.1f} s)"
     if peak:
@@ -204,8 +254,170 @@ def run_bench(config: BenchConfig) -> dict:
         reference_seconds = statistics.median(timings["nanoGPT-style reference"])
         result["reference_ms_per_step"] = reference_seconds * 1e3
         result["speed_ratio"] = seconds / reference_seconds
-        print(f"nanoGPT-style reference: {reference_seconds * 1e3:.1f} ms/step; minillm takes {seconds / reference_seconds:.2f}x "
-              f"its time (medians of {config.rounds} alternating rounds of {config.steps} steps: "
+        print(f"nanoGPT-style reference ({str(autocast_dtype(device, nanogpt_precision(device))).replace('torch.', '')}): "
+              f"{reference_seconds * 1e3:.1f} ms/step; minillm takes {seconds / reference_seconds:.2f}x its time "
+              f"(medians of {config.rounds} alternating rounds of {config.steps} steps: "
               + ", ".join(f"{name} {' / '.join(f'{t * 1e3:.1f}' for t in times)} ms" for name, times in timings.items()) + ")",
               flush=True)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs: `python -m minillm pretrain gpt` against nanoGPT's train.py, each in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+def nanogpt_recipe(corpus: str, out: str, n_layer: int, n_head: int, n_embd: int, block_size: int, batch_size: int,
+                   max_iters: int, dropout: float = 0.0, bias: bool = False, lr: float = 1e-3, min_lr: float = 1e-4,
+                   warmup_iters: int = 100, eval_interval: int = 250, eval_iters: int = 20, device: str = "cpu",
+                   compile: bool = False, seed: int = 1337) -> dict:
+    """nanoGPT's ``train.py`` as its README runs it on a CPU for Tiny Shakespeare, re-typed (no code copied)::
+
+        python data/shakespeare_char/prepare.py
+        python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
+               --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
+               --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
+
+    Its parts, in its order: ``prepare.py`` (every character of the file is a token, the first 90%
+    trains, uint16 ``train.bin`` / ``val.bin``); a fresh ``np.memmap`` and ``torch.stack`` of B random
+    blocks per batch; an estimate of both splits' loss (``eval_iters`` batches each) every
+    ``eval_interval`` steps with ``ckpt.pt`` saved (``torch.save``) when validation improves;
+    warmup + cosine from ``lr`` to ``min_lr``; torch's AdamW; clipping at 1.0; ``loss.item()`` every
+    step (``log_interval=1``); steps 0 .. ``max_iters`` inclusive. The model is :class:`ReferenceGPT`.
+    Returns the last validation estimate and ``finished_at``, the wall clock when nanoGPT would exit.
+    """
+    device = torch.device(device)
+    out_dir = pathlib.Path(out)
+    text = data.read_text_file(corpus)  # prepare.py
+    chars = sorted(set(text))
+    lookup = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint16)
+    lookup[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint16)
+    ids = lookup[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+    n_train = int(len(ids) * 0.9)
+    ids[:n_train].tofile(out_dir / "train.bin")
+    ids[n_train:].tofile(out_dir / "val.bin")
+
+    def get_batch(split: str):
+        split_ids = np.memmap(out_dir / f"{split}.bin", dtype=np.uint16, mode="r")
+        starts = torch.randint(len(split_ids) - block_size, (batch_size,))
+        x = torch.stack([torch.from_numpy(split_ids[i:i + block_size].astype(np.int64)) for i in starts])
+        y = torch.stack([torch.from_numpy(split_ids[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
+        return x.to(device), y.to(device)
+
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=len(chars), block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       dropout=dropout, bias=bias)
+    model = ReferenceGPT(config).to(device)
+    optimizer = nanogpt_optimizer(model, lr, device)
+    maybe_compile(model, device, enabled=compile)
+    precision = nanogpt_precision(device)
+
+    @torch.no_grad()
+    def estimate_loss() -> dict:
+        model.eval()
+        losses = {}
+        for split in ("train", "val"):
+            total = 0.0
+            for _ in range(eval_iters):
+                x, y = get_batch(split)
+                with autocast(device, precision=precision):
+                    total += model(x, y)[1].item()
+            losses[split] = total / eval_iters
+        model.train()
+        return losses
+
+    def get_lr(step: int) -> float:
+        if step < warmup_iters:
+            return lr * (step + 1) / (warmup_iters + 1)
+        if step > max_iters:
+            return min_lr
+        coefficient = 0.5 * (1.0 + math.cos(math.pi * (step - warmup_iters) / (max_iters - warmup_iters)))
+        return min_lr + coefficient * (lr - min_lr)
+
+    best_val_loss, losses = math.inf, {}
+    x, y = get_batch("train")
+    for step in range(max_iters + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step)
+        if step % eval_interval == 0:
+            losses = estimate_loss()
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+            if losses["val"] < best_val_loss:
+                best_val_loss = losses["val"]
+                if step > 0:
+                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": step,
+                                "best_val_loss": best_val_loss}, out_dir / "ckpt.pt")
+        with autocast(device, precision=precision):
+            _, loss = model(x, y)
+        x, y = get_batch("train")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # log_interval=1: a host sync and a print every step
+    return {"finished_at": time.time(), "val_loss_estimate": losses.get("val", math.nan)}
+
+
+def _nanogpt_child(arguments: str) -> None:
+    """Entry point of the subprocess that runs :func:`nanogpt_recipe` and prints its result as JSON."""
+    result = nanogpt_recipe(**json.loads(arguments))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _run_process(name: str, command: list[str], log_path: pathlib.Path) -> tuple[float, str]:
+    """Run ``command`` with its output in ``log_path``; (launch wall-clock time, output). A failure is one error."""
+    launched = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    output = log_path.read_text(encoding="utf-8")
+    if status != 0:
+        last_lines = "\n".join(output.strip().splitlines()[-5:])
+        raise MinillmError(f"the {name} run failed (exit {status}); it ended with:\n{last_lines}")
+    return launched, output
+
+
+def run_whole_runs(config: BenchConfig, device: torch.device) -> dict:
+    """Alternate whole runs, each a fresh process: ours is the ``pretrain gpt`` command exactly as a user types it
+    (its wall time counts everything: start-up, tokenizing, training, the whole-split evaluation, a sample, the
+    plot); nanoGPT's counts from launch until its loop ends. Reports median wall times and validation losses."""
+    preset, shape, batch_size = _shape(config, device)
+    corpus = config.data or str(data.data_path("tinyshakespeare.txt"))
+    data.read_text_file(corpus)  # a missing or binary corpus is one error before anything runs
+    sizes = {name: shape[name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
+    warmup = min(100, config.max_iters // 2)  # both recipes warm up for 100 steps (fewer in a tiny run)
+    print(f"whole runs on {device}: minillm (precision {config.precision}) vs nanoGPT's loop ({nanogpt_precision(device)}), "
+          f"{', '.join(f'{k} {v}' for k, v in sizes.items())}, batch {batch_size}, {config.max_iters:,} steps, "
+          f"{config.rounds} alternating rounds", flush=True)
+    walls: dict[str, list[float]] = {"minillm": [], "nanoGPT": []}
+    losses: dict[str, list[float]] = {"minillm": [], "nanoGPT": []}
+    with tempfile.TemporaryDirectory(prefix="minillm-bench-") as scratch:
+        scratch = pathlib.Path(scratch)
+        for round_index in range(config.rounds):
+            ours_out = scratch / f"minillm-{round_index}"
+            command = [sys.executable, "-m", "minillm", "pretrain", "gpt", "--data", corpus, "--tokenizer", "char",
+                       *[f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()], f"--batch-size={batch_size}",
+                       f"--max-iters={config.max_iters}", f"--warmup-iters={warmup}", f"--dropout={config.dropout}", "--bias" if config.bias else "--no-bias",
+                       f"--device={device}", f"--precision={config.precision}", f"--compile={config.compile}",
+                       f"--seed={config.seed}", "--no-progress", "--out", str(ours_out)]
+            launched, _ = _run_process("minillm", command, scratch / f"minillm-{round_index}.log")
+            walls["minillm"].append(time.time() - launched)
+            losses["minillm"].append(json.loads((ours_out / "results.json").read_text())["val_loss"])
+
+            their_out = scratch / f"nanogpt-{round_index}"
+            their_out.mkdir()
+            arguments = json.dumps({"corpus": corpus, "out": str(their_out), **sizes, "batch_size": batch_size,
+                                    "max_iters": config.max_iters, "warmup_iters": warmup, "dropout": config.dropout, "bias": config.bias,
+                                    "device": str(device), "compile": config.compile == "yes", "seed": config.seed})
+            launched, output = _run_process("nanoGPT", [sys.executable, "-c", "import sys; from minillm.bench import _nanogpt_child; "
+                                             "_nanogpt_child(sys.argv[1])", arguments], scratch / f"nanogpt-{round_index}.log")
+            result = json.loads(output.rsplit("RESULT ", 1)[1])
+            walls["nanoGPT"].append(result["finished_at"] - launched)
+            losses["nanoGPT"].append(result["val_loss_estimate"])
+            print(f"round {round_index + 1}: minillm {walls['minillm'][-1]:.1f} s (val loss {losses['minillm'][-1]:.4f}, "
+                  f"whole split), nanoGPT {walls['nanoGPT'][-1]:.1f} s (val loss {losses['nanoGPT'][-1]:.4f}, "
+                  f"its 20-batch estimate)", flush=True)
+    ours, theirs = statistics.median(walls["minillm"]), statistics.median(walls["nanoGPT"])
+    print(f"median wall time: minillm {ours:.1f} s, nanoGPT {theirs:.1f} s: minillm takes {ours / theirs:.2f}x its time; "
+          f"median val loss: minillm {statistics.median(losses['minillm']):.4f}, nanoGPT "
+          f"{statistics.median(losses['nanoGPT']):.4f}", flush=True)
+    return {"preset": preset, "walls": walls, "val_losses": losses, "speed_ratio": ours / theirs}

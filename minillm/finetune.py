@@ -617,13 +617,15 @@ class ClassificationTask:
 
 
 @torch.no_grad()
-def predict(model, task: ClassificationTask, examples, device, batch_size: int = 256) -> tuple[list[int], list[int]]:
-    """(predicted labels, true labels) of ``examples`` (argmax of the logits), in eval mode."""
+def predict(model, task: ClassificationTask, examples, device, batch_size: int = 256,
+            precision: str = "auto") -> tuple[list[int], list[int]]:
+    """(predicted labels, true labels) of ``examples`` (argmax of the logits), in eval mode, under
+    :func:`~minillm.device.autocast` with ``precision``."""
     was_training = model.training
     model.eval()
     predicted, true = [], []
     for batch in task.eval_batches(batch_size, device, examples=examples):
-        with autocast(torch.device(device) if isinstance(device, str) else device):
+        with autocast(torch.device(device) if isinstance(device, str) else device, precision=precision):
             logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, num_labels)
         predicted += logits.argmax(-1).tolist()
         true += batch.labels.tolist()
@@ -731,7 +733,7 @@ def finetune(model, task: ClassificationTask, config: FinetuneConfig, test_examp
     loop = config.loop_config(task.steps_per_epoch(config.batch_size), len(task.val))
     trainer = Trainer(model, task, loop, run_info, log=log)
     result = trainer.fit(prepare=prepare)
-    predicted, true = predict(model, task, test_examples, trainer.device)
+    predicted, true = predict(model, task, test_examples, trainer.device, precision=config.precision)
     scores = metrics.classification_metrics(true, predicted)
     matrix = metrics.confusion_matrix(true, predicted, num_classes=2)
     return {**scores, "confusion_matrix": matrix.tolist(), "steps": result.steps, "best_step": result.best_step,

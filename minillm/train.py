@@ -11,7 +11,7 @@ What a model-specific part provides is a *task* (duck-typed, see :class:`Languag
 
 :class:`Trainer` does the rest, the same way for every task: AdamW (``minillm.optim``, or torch's
 fused kernel), linear warmup then cosine decay, gradient accumulation and clipping, bf16 autocast on
-CUDA, ``torch.compile``, an estimate of the validation loss every ``eval_interval`` steps and the
+CUDA and on CPUs with bf16 instructions (``--precision``), ``torch.compile``, an estimate of the validation loss every ``eval_interval`` steps and the
 whole validation split at the end, early stopping, the best model kept, a progress bar with loss,
 tokens/s and ETA, ``<out>/log.jsonl``, a loss curve, and checkpoints that resume exactly. Under
 ``torchrun`` it runs data-parallel (DistributedDataParallel): every process draws its share of
@@ -41,7 +41,7 @@ from minillm import MinillmError, data, optim, plots
 from minillm.checkpoint import (atomic_write_text, load_training_state, read_json, save_training_state, save_weights,
                                 write_json)
 from minillm.config import QuickConfig
-from minillm.device import autocast, autocast_dtype, describe_device, maybe_compile, pick_device, seed_everything
+from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, pick_device, seed_everything
 
 CHECKPOINT = "checkpoint.safetensors"  # the latest full training state: resume from it
 BEST_MODEL = "model.safetensors"  # the weights with the best validation loss: sample or fine-tune from it
@@ -72,6 +72,9 @@ class TrainConfig(QuickConfig):
     patience: int = field(default=0, metadata={"help": "stop after N estimates without improvement (0: never)"})
     compile: Literal["auto", "yes", "no"] = field(
         default="auto", metadata={"help": "torch.compile the model (auto: on CUDA only, where it pays)"})
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto", metadata={"help": "matmul precision: auto is bf16 autocast on CUDA GPUs and on CPUs with bf16 "
+                                          "instructions (AVX512-BF16, AMX), fp32 elsewhere; MINILLM_PRECISION overrides auto"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"})
     seed: int = field(default=1337, metadata={"help": "random seed (initialization, batches, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
@@ -308,7 +311,7 @@ class Trainer:
         batch_size = self.config.batch_size * (4 if max_batches is None else 1)
         weight = getattr(self.task, "eval_weight", self.task.batch_tokens)  # what one unit of loss is counted per
         for batch in self.task.eval_batches(batch_size, self.device, max_batches):
-            with autocast(self.device):
+            with autocast(self.device, precision=self.config.precision):
                 loss = self.task.loss(self.model, batch)
             n = weight(batch)
             total, count = total + loss.item() * n, count + n
@@ -379,7 +382,9 @@ class Trainer:
 
             train_model = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
         tokens_per_step = 0
-        self.print(f"training on {describe_device(self.device)}"
+        if self.device.type == "cpu":
+            keep_freed_memory()  # every step's activations reuse the last step's pages, no page faults
+        self.print(f"training on {describe_device(self.device, c.precision)}"
                    + (f", {self.dist.world_size} processes" if self.dist.enabled else "")
                    + f": {sum(p.numel() for p in self.model.parameters()):,} parameters, steps {step:,} -> {c.max_iters:,}, "
                    f"{c.batch_size * c.grad_accum * self.dist.world_size} examples per step")
@@ -413,7 +418,7 @@ class Trainer:
                     last = micro_step == c.grad_accum - 1
                     sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
                     with sync:
-                        with autocast(self.device):
+                        with autocast(self.device, precision=c.precision):
                             loss = self.task.loss(train_model, batch) / c.grad_accum
                         loss.backward()
                     interval_sum += loss.detach().double()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, strategies as st
 
-from minillm.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
+from minillm.attention import KVCache, MultiHeadAttention, causal_mask, fused_attention, scaled_dot_product_attention
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 F64 = torch.float64
@@ -302,3 +302,39 @@ def test_fast_path_on_cuda_in_bf16_matches_float64_reference():
     reference, _ = ours(x, is_causal=True, use_fast_path=False)
     fast = ours.to("cuda", torch.bfloat16)(x.to("cuda", torch.bfloat16), is_causal=True)[0]
     torch.testing.assert_close(fast.double().cpu(), reference, rtol=3e-2, atol=3e-2)
+
+
+@given(inputs=attention_inputs(), is_causal=st.booleans(), autocast_fp32_inputs=st.booleans())
+def test_fused_attention_on_the_cpu_in_bf16_runs_in_fp32_and_matches_float64(inputs, is_causal, autocast_fp32_inputs):
+    """bf16 inputs (or fp32 ones under bf16 autocast, which would cast them down) are attended in fp32:
+    PyTorch's CPU bf16 flash-attention backward is 3x slower. The only bf16 rounding left is the
+    inputs' and the output's, each a relative 2^-9 = 0.2%; a softmax of 0.2%-perturbed scores over
+    <= 7 keys moves the output by ~1e-2 at most, so rtol=atol=3e-2 (fp32 attention would be 1e-6)."""
+    q, k, v, mask = inputs
+    if is_causal:
+        mask = None
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # float64
+    if autocast_fp32_inputs:
+        q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused_attention(q32, k32, v32, attn_mask=mask, is_causal=is_causal)
+        assert out.dtype == torch.float32
+    else:
+        q32, k32, v32 = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+        out = fused_attention(q32, k32, v32, attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.bfloat16(),
+                              is_causal=is_causal)
+        assert out.dtype == torch.bfloat16
+        with torch.no_grad():  # exactly fp32 attention of the bf16 inputs, rounded once at the end
+            in_fp32 = F.scaled_dot_product_attention(q32.float(), k32.float(), v32.float(), is_causal=is_causal,
+                                                     attn_mask=mask if mask is None or mask.dtype == torch.bool
+                                                     else mask.bfloat16().float())
+        assert torch.equal(out, in_fp32.to(torch.bfloat16))
+    torch.testing.assert_close(out.double(), expected, rtol=3e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == t.dtype and torch.isfinite(t.grad).all() for t in (q32, k32, v32))
+
+
+def test_fused_attention_leaves_fp32_and_float64_alone_outside_autocast():
+    q = torch.randn(2, 3, 5, 4, dtype=F64)
+    torch.testing.assert_close(fused_attention(q, q, q, is_causal=True),
+                               F.scaled_dot_product_attention(q, q, q, is_causal=True), rtol=0, atol=0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -52,3 +55,32 @@ def test_bench_runs_and_compares_on_a_tiny_shape(capsys):
     assert main(["bench", "--quick", "--compare", "--rounds", "1", "--device", "cpu"]) == 0
     output = capsys.readouterr().out
     assert "tokens/s" in output and "nanoGPT-style reference" in output and "MFU" not in output
+
+
+def test_the_reference_is_initialized_as_nanogpt_initializes_its_model():
+    """N(0, 0.02) weights, the two residual projections of each block at 0.02/sqrt(2·n_layer), no biases."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=8, n_head=4, n_embd=256, dropout=0.0, bias=False)
+    reference = ReferenceGPT(config)
+    assert reference.lm_head.weight is reference.wte.weight
+    assert reference.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    block = reference.blocks[0]
+    assert block["c_fc"].weight.std().item() == pytest.approx(0.02, rel=0.02)
+    for projection in ("c_proj", "mlp_proj"):
+        assert block[projection].weight.std().item() == pytest.approx(0.02 / 4, rel=0.03)
+
+
+def test_whole_runs_race_the_pretrain_command_against_nanogpts_loop_in_fresh_processes(capsys):
+    """A tiny race (6 steps, one round): both runs finish, learn something, and the report names both."""
+    assert main(["bench", "--quick", "--whole-run", "--rounds", "1", "--device", "cpu", "--precision", "fp32"]) == 0
+    output = capsys.readouterr().out
+    assert "round 1: minillm" in output and "median wall time" in output
+    round_line = next(line for line in output.splitlines() if line.startswith("round 1"))
+    losses = [float(loss) for loss in re.findall(r"val loss (\d+\.\d+)", round_line)]
+    assert len(losses) == 2
+    assert all(0.0 < loss < math.log(65) + 0.05 for loss in losses), losses
+
+
+def test_whole_runs_refuse_a_missing_corpus_before_running_anything(tmp_path, capsys):
+    assert main(["bench", "--quick", "--whole-run", "--device", "cpu", "--data", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
