@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minillm import bow, data, linreg, optim, plots
+from minillm import bow, datasets, linreg, optim, plots
 from minillm.checkpoint import write_json
 from minillm.config import QuickConfig, run_chapter
 from minillm.device import seed_everything
@@ -101,10 +101,10 @@ def linear_regression(config: Config, out: pathlib.Path) -> dict:
 
 def optimizer_race(config: Config, out: pathlib.Path) -> dict:
     """Part 2: every optimizer trains the same model from the same init on the same batches."""
-    train_sentences, train_labels = data.read_sst2("train")
+    train_sentences, train_labels = datasets.read_sst2("train")
     if config.n_train:
         train_sentences, train_labels = train_sentences[: config.n_train], train_labels[: config.n_train]
-    dev_sentences, dev_labels = data.read_sst2("dev")
+    dev_sentences, dev_labels = datasets.read_sst2("dev")
     tokenizer = WordTokenizer.train(train_sentences, max_words=config.max_words, min_count=2)
     train_bags = bow.encode_bags(tokenizer, train_sentences, train_labels)
     dev_bags = bow.encode_bags(tokenizer, dev_sentences, dev_labels)

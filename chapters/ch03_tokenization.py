@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from minillm import data, plots
+from minillm import data, datasets, plots
 from minillm.checkpoint import write_json
 from minillm.config import QuickConfig, run_chapter
 from minillm.tokenization import (BPETokenizer, CharTokenizer, UnknownCharacterError, bpe_vocab_overlap, compression,
@@ -106,8 +106,8 @@ def compare(title: str, train_text: str | list[str], held_out: str, vocab_size: 
 
 def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
-    shakespeare = data.read_text_file(data.data_path("tinyshakespeare.txt"))[: config.n_chars or None]
-    sst2, sst2_dev = data.read_sst2("train")[0][: config.n_sst2 or None], data.read_sst2("dev")[0]
+    shakespeare = data.read_text_file(datasets.data_path("tinyshakespeare.txt"))[: config.n_chars or None]
+    sst2, sst2_dev = datasets.read_sst2("train")[0][: config.n_sst2 or None], datasets.read_sst2("dev")[0]
     results = {"cleaning": cleaning(shakespeare, sst2, sst2_dev, config.dedup_min_chars)}
 
     chars = CharTokenizer.train(shakespeare)

@@ -1,12 +1,13 @@
 """Chapter 07: BERT, pretrained by masked language modelling and next-sentence prediction.
 
-Builds sentence pairs from SST-2's training phrases (movie-review English, the text chapter 08
-fine-tunes on: this is domain-adaptive pretraining), trains a WordPiece vocabulary, masks 15% of
-the tokens (80% [MASK], 10% random, 10% unchanged), pretrains a small BERT with the shared loop,
-and reports held-out masked-LM loss and accuracy, next-sentence accuracy, and fill-in-the-blank
-predictions.
+Cuts IMDB's 50,000 unlabelled movie reviews (11.6 million words, none of them a review chapter 08
+scores on) into sentences, packs consecutive sentences into segments and pairs them for
+next-sentence prediction, trains a WordPiece vocabulary on the reviews and SST-2's phrases, masks
+15% of the tokens afresh at every draw (80% [MASK], 10% random, 10% unchanged), pretrains a small
+BERT with the shared loop, and reports held-out masked-LM loss and accuracy, next-sentence accuracy,
+and fill-in-the-blank predictions.
 
-    python chapters/ch07_bert.py            # a CPU: a 4-layer, 128-wide BERT in a few minutes
+    python chapters/ch07_bert.py            # a CPU: a 4-layer, 128-wide BERT in ~10 minutes
     python chapters/ch07_bert.py --quick    # seconds; what the tests run
 """
 
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minillm import plots
+from minillm import data, datasets, plots
 from minillm.bert import BertForPreTraining
 from minillm.checkpoint import read_json, write_json
 from minillm.config import run_chapter
@@ -30,12 +31,13 @@ from minillm.train import Trainer
 GPU_PRESET = dict(n_layer=4, n_head=8, n_embd=512, dropout=0.1, batch_size=128, max_iters=6000, lr=5e-4,
                   min_lr=5e-5, warmup_iters=500)
 PROBES = ["this movie was [MASK] good .", "the acting is [MASK] and the plot is dull .",
-          "a [MASK] , funny and moving film .", "i [MASK] this movie ."]
+          "a [MASK] , funny and moving film .", "i [MASK] this movie .", "the worst film i have ever [MASK] .",
+          "10 out of 10 , a [MASK] !"]
 
 
 @dataclass
 class Config(BertPretrainConfig):
-    """Chapter 07: pretrain a BERT on SST-2 text (masked LM + next sentence), evaluate, fill in blanks."""
+    """Chapter 07: pretrain a BERT on IMDB's unlabelled reviews (masked LM + next sentence), evaluate, fill in blanks."""
 
     out: str = field(default="runs/ch07", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
     gpu_preset: bool = field(default=True, metadata={"help": "on CUDA, train a BERT-small shape (4x512) for 6,000 steps "
@@ -51,7 +53,12 @@ def main(config: Config) -> dict:
     seed_everything(config.seed)
     print(f"Running on {describe_device(device, config.precision)}")
 
-    # 1. Data: documents of two segments, a leak-free held-out slice, WordPiece, NSP pairs, masking.
+    # 1. Data: reviews cut into sentences, a held-out slice of reviews, WordPiece, packed NSP pairs, masking.
+    if config.data == "imdb":
+        review = datasets.read_imdb_unlabelled()[1]
+        print(f"A review, cut into sentences ({len(review.split())} words):")
+        for sentence in data.split_sentences(review)[:4]:
+            print(f"  | {sentence}")
     tokenizer, train_docs, val_docs = bert_corpus(config)
     task = bert_task(config, tokenizer, train_docs, val_docs)
     special = special_token_ids(tokenizer)
@@ -75,7 +82,7 @@ def main(config: Config) -> dict:
     # 2. The model, and 3. pretraining with the shared loop.
     model = BertForPreTraining(config.model_config(tokenizer.get_vocab_size(), special.pad))
     print(f"BERT: {sum(p.numel() for p in model.parameters()):,} parameters, {config.n_layer} layers x {config.n_embd}")
-    run_info = {"model": {"type": "bert", **asdict(model.config)}, "tokenizer": "tokenizer.json", "data": "sst2"}
+    run_info = {"model": {"type": "bert", **asdict(model.config)}, "tokenizer": "tokenizer.json", "data": config.data}
     trainer = Trainer(model, task, config, run_info)
     before = evaluate_bert(model, task, trainer.device)
     result = trainer.fit(prepare=lambda folder: save_library_tokenizer(tokenizer, folder / "tokenizer.json"))
@@ -97,8 +104,9 @@ def main(config: Config) -> dict:
         "held-out masked-LM accuracy, before -> after": f"{before['mlm_accuracy']:.1%} -> {metrics['mlm_accuracy']:.1%}",
         "held-out masked-LM loss": f"{metrics['mlm_loss']:.3f}",
         "held-out next-sentence accuracy": f"{metrics['nsp_accuracy']:.1%}",
-        f"fill-in {PROBES[0]!r}": ", ".join(word for word, _ in first[:3]),
+        **{f"fill-in {sentence!r}": ", ".join(word for word, _ in fills[sentence][:3]) for sentence in PROBES[:2]},
         "parameters, steps, training time": f"{sum(p.numel() for p in model.parameters()):,}, {result.steps:,}, {result.seconds:.0f} s",
+        "training tokens/s": f"{result.tokens_per_s:,.0f}",
     }
     results = {**metrics, "before": before, "fill_in": fills, "train_seconds": result.seconds,
                "config": asdict(config), "summary": summary}

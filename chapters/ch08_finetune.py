@@ -1,53 +1,65 @@
-"""Chapter 08: fine-tuning BERT and GPT as sentiment classifiers on SST-2.
+"""Chapter 08: fine-tuning BERT and GPT as sentiment classifiers, pretrained against random init.
 
-Starts from chapter 07's BERT (pretrained on SST-2's unlabelled text), puts a classifier on its
-pooled [CLS] vector, and fine-tunes the whole model with the shared loop (small learning rate,
-warmup, weight decay, an evaluation every epoch, early stopping, the best epoch restored). Then the
-same BERT from random initialization with the same budget, and a GPT pretrained on the same text
-(chapter 06's recipe) classifying from its last token. Scored on SST-2 dev against the majority class.
+Starts from chapter 07's BERT (pretrained on IMDB's unlabelled reviews) and, unless --no-shipped,
+the longer-pretrained BERT minillm ships; pretrains a GPT of the same size on the same reviews.
+Each model, and the same model from random weights, is fine-tuned on SST-2 and IMDB with a few
+labels and with all of them, several seeds each, with one recipe (minillm.finetune.FinetuneConfig).
+Reports mean ± spread tables and learning curves (accuracy against labelled examples).
 
-    python chapters/ch08_finetune.py --bert runs/ch07    # a CPU: ~10 minutes
-    python chapters/ch08_finetune.py --bert runs/ch07 --labelled 8000 --epochs 5   # few labels, all the text
-    python chapters/ch08_finetune.py --quick             # seconds; what the tests run
+    python chapters/ch08_finetune.py --bert runs/ch07     # a CPU: the main job's grid, ~10 minutes
+    python chapters/ch08_finetune.py --bert runs/ch07 --budgets 250,1000,4000,all --seeds 1,2,3   # the README's
+    python chapters/ch08_finetune.py --quick              # seconds; what the tests run
 """
 
 from __future__ import annotations
 
 import pathlib
+import statistics
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from minillm import metrics, plots
-from minillm.bert import BertForPreTraining, BertForSequenceClassification
-from minillm.checkpoint import write_json
+from minillm import datasets, metrics, plots
+from minillm.checkpoint import read_json, write_json
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
-from minillm.finetune import (ClassificationTask, FinetuneConfig, GPTForSequenceClassification, encode_for_bert,
-                              encode_for_gpt, finetune, sst2_splits, with_labelled)
-from minillm.gpt import GPT, GPTConfig
-from minillm.pretrain import BertPretrainConfig, lm_token_ids, pretrain_bert
-from minillm.tokenization import load_library_tokenizer, special_token_ids
-from minillm.train import LanguageModelingTask, TrainConfig, Trainer
+from minillm.finetune import ClassificationTask, FinetuneConfig, classifier_candidates, encoded_splits, finetune
+from minillm.pretrain import BertPretrainConfig, pretrain_bert, pretrain_gpt_on_reviews
 
 
 @dataclass
 class Config(FinetuneConfig):
-    """Chapter 08: fine-tune BERT (pretrained and from scratch) and GPT on SST-2; compare on SST-2 dev."""
+    """Chapter 08: BERT and GPT, pretrained and from random init, fine-tuned on SST-2 and IMDB at several label budgets."""
 
-    out: str = field(default="runs/ch08", metadata={"help": "run folder (the chapter replaces it)"})
-    bert: str = field(default="", metadata={"help": "a 'pretrain bert' / chapter 07 run folder (default: pretrain one "
-                                                    "first, chapter 07's default run, into <out>/bert_pretraining)"})
-    gpt_iters: int = field(default=1000, metadata={"help": "steps of GPT pretraining on SST-2 text (chapter 06's recipe, "
-                                                          "16 blocks of 64 tokens per step: ~1.7 passes over the text)"})
-    seeds: str = field(default="1", metadata={"help": "comma-separated fine-tuning seeds; each model is fine-tuned once per seed"})
-    skip_gpt: bool = field(default=False, metadata={"help": "compare the two BERTs only (no GPT pretraining and fine-tuning)"})
-    QUICK = {**FinetuneConfig.QUICK, "gpt_iters": 30}
+    out: str = field(default="runs/ch08", metadata={"help": "run folder (finished fine-tuning runs in it are reused)"})
+    bert: str = field(default="", metadata={"help": "a 'pretrain bert' / chapter 07 run folder (default: pretrain one first, "
+                                                    "chapter 07's default run, into <out>/bert_pretraining)"})
+    shipped: bool = field(default=True, metadata={"help": "also fine-tune the BERT pretrained for longer that minillm ships in "
+                                                          "data/pretrained (and its random-init twin)"})
+    gpt: bool = field(default=True, metadata={"help": "also pretrain a GPT of the BERT's size on the same reviews and "
+                                                      "fine-tune it (and its random-init twin)"})
+    gpt_iters: int = field(default=1500, metadata={"help": "steps of GPT pretraining on the reviews (batch 32 x 128 tokens)"})
+    tasks: str = field(default="sst2,imdb", metadata={"help": "comma-separated: sst2 (reported on SST-2 dev), imdb "
+                                                              "(reported on IMDB test)"})
+    budgets: str = field(default="1000,all", metadata={"help": "comma-separated labelled-example budgets ('all': every "
+                                                                "training example)"})
+    imdb_budgets: str = field(default="1000", metadata={"help": "IMDB's budgets (its 'all' is 22,500 long reviews: slow on a CPU)"})
+    seeds: str = field(default="1", metadata={"help": "comma-separated fine-tuning seeds (the recipe was tuned on seed 0)"})
+    test_limit: int = field(default=5000, metadata={"help": "score IMDB on a fixed stratified N of its 25,000 test reviews "
+                                                            "(0: all of them)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example (at most the model's positions)"})
+    QUICK = {**FinetuneConfig.QUICK, "gpt_iters": 20, "test_limit": 200, "budgets": "100,all", "imdb_budgets": "100"}
 
     def validate(self):
         super().validate()
-        if not self.seeds or not all(s.strip().isdigit() for s in self.seeds.split(",")):
-            raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}")
+        for name in ("seeds", "budgets", "imdb_budgets"):
+            values = getattr(self, name).split(",")
+            if not all(v.strip().isdigit() or (name != "seeds" and v.strip() == "all") for v in values):
+                raise ValueError(f"--{name.replace('_', '-')} must be comma-separated integers, got {getattr(self, name)!r}")
+        if not set(self.tasks.split(",")) <= {"sst2", "imdb"}:
+            raise ValueError(f"--tasks must be sst2, imdb or both, got {self.tasks!r}")
+
+
+def budget_list(text: str) -> list[int]:
+    return [0 if value.strip() == "all" else int(value) for value in text.split(",")]  # 0: all
 
 
 def main(config: Config) -> dict:
@@ -56,86 +68,105 @@ def main(config: Config) -> dict:
     print(f"Running on {describe_device(device, config.precision)}")
     seeds = [int(s) for s in config.seeds.split(",")]
 
-    # 1. A pretrained BERT (chapter 07's run, or one made now) and its WordPiece tokenizer.
+    # 1. Pretrained models: chapter 07's BERT (or one made now), the shipped one, a GPT pretrained here on the reviews.
     bert_run = pathlib.Path(config.bert) if config.bert else out / "bert_pretraining"
-    if not config.bert:
+    if not config.bert and not (bert_run / "model.safetensors").exists():
         print(f"No --bert run given: pretraining one first (chapter 07's {'quick' if config.quick else 'default'} run)")
         pretrain_bert(BertPretrainConfig(out=str(bert_run), overwrite=True, quick=config.quick, device=config.device,
-                                         precision=config.precision,
-                                         **(BertPretrainConfig.QUICK if config.quick else {})))
-    tokenizer = load_library_tokenizer(bert_run / "tokenizer.json")
-    special = special_token_ids(tokenizer)
-    pretrained_bert = BertForPreTraining.from_run(bert_run)
+                                         precision=config.precision, **(BertPretrainConfig.QUICK if config.quick else {})))
+    runs = {"BERT": bert_run}
+    if config.shipped:
+        runs["BERT, pretrained longer (shipped)"] = datasets.shipped_bert_path()
+    if config.gpt:
+        runs["GPT"] = pretrain_gpt_on_reviews(bert_run, out / "gpt_pretraining", config.gpt_iters, config)
 
-    # 2. SST-2: training phrases (a leak-free slice held out for early stopping), dev sentences for the report.
-    all_splits = sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit)
-    splits = with_labelled(all_splits, config.labelled, config.seed)  # --labelled: fine-tune on a random N only
-    print(f"SST-2: {len(splits.train):,} training phrases, {len(splits.val):,} held out, {len(splits.dev):,} dev sentences")
-    bert_task = ClassificationTask(encode_for_bert(tokenizer, splits.train, config.max_length),
-                                   encode_for_bert(tokenizer, splits.val, config.max_length), special.pad)
-    bert_dev = encode_for_bert(tokenizer, splits.dev, config.max_length)
-    gpt_task = ClassificationTask(encode_for_gpt(tokenizer, splits.train, config.max_length, special.sep),
-                                  encode_for_gpt(tokenizer, splits.val, config.max_length, special.sep), special.pad)
-    gpt_dev = encode_for_gpt(tokenizer, splits.dev, config.max_length, special.sep)
+    # 2. The labelled data: SST-2 (leak-free held-out slice, dev to report) and IMDB (held-out slice, test to report).
+    all_splits = {"sst2": datasets.sst2_splits(config.val_fraction, seed=0, limit=config.sst2_limit),
+                  "imdb": datasets.imdb_splits(config.val_fraction, seed=0, test_limit=config.test_limit,
+                                               limit=2000 if config.quick else 0)}
+    tasks = {task: (all_splits[task], budget_list(config.budgets if task == "sst2" else config.imdb_budgets))
+             for task in config.tasks.split(",")}
+    for task, (splits, budgets) in tasks.items():
+        print(f"{task}: {len(splits.train):,} training / {len(splits.val):,} held-out examples; reporting on "
+              f"{splits.name} ({len(splits.test):,}); label budgets {', '.join(str(b or 'all') for b in budgets)}")
 
-    # 3. A GPT pretrained on the same text, as chapter 06 pretrains one (phrases joined by [SEP]).
-    seed_everything(config.seed)
-    gpt_config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=config.max_length,
-                           n_layer=pretrained_bert.config.n_layer, n_head=pretrained_bert.config.n_head,
-                           n_embd=pretrained_bert.config.n_embd, bias=True)
-    pretrained_gpt = GPT(gpt_config)
-    # Even with --labelled, GPT pretrains on all the training text, as chapter 07's BERT did.
-    lm_task = LanguageModelingTask(lm_token_ids(tokenizer, [t for t, _ in all_splits.train], special.sep),
-                                   lm_token_ids(tokenizer, [t for t, _ in splits.val], special.sep), config.max_length)
-    gpt_trainer = Trainer(pretrained_gpt, lm_task, TrainConfig(out=str(out / "gpt_pretraining"), overwrite=True, max_iters=config.gpt_iters,
-                                                 batch_size=16, lr=3e-3, min_lr=3e-4, warmup_iters=min(100, config.gpt_iters // 10),
-                                                 eval_interval=max(config.gpt_iters // 4, 1), eval_iters=10,
-                                                 progress=config.progress, device=config.device, precision=config.precision,
-                                                 quick=config.quick))
-    if not config.skip_gpt:
-        gpt_trainer.fit()
+    # 3. Fine-tune every model and its random-init twin, at every budget, once per seed, with one recipe.
+    scores: dict[str, dict[str, dict[int, list[dict]]]] = {}  # task -> model name -> budget -> one result per seed
+    for family, run in runs.items():
+        candidates = classifier_candidates(family, run)  # {"<family>, pretrained": build, "<family>, random init": build}
+        for task, (splits, budgets) in tasks.items():
+            encoded, pad_id = encoded_splits(run, splits, config.max_length)  # token ids, this family's tokenizer
+            for budget in budgets:
+                for seed in seeds:  # each seed its own labelled sample, initialization and batches
+                    labelled = datasets.with_labelled(encoded, budget, seed)
+                    data = (ClassificationTask(labelled.train, labelled.val, pad_id, seed=seed), labelled.test)
+                    for name, build in candidates.items():
+                        folder = out / task / f"{name.replace(', ', '-').replace(' ', '_')}-{budget or 'all'}-seed{seed}"
+                        run_config = Config(**{**asdict(config), "seed": seed, "overwrite": True, "out": str(folder)})
+                        result = reuse_or_finetune(folder, run_config, build, data)
+                        scores.setdefault(task, {}).setdefault(name, {}).setdefault(len(labelled.train), []).append(result)
 
-    # 4. Fine-tune each model with the same budget, once per seed, and score it on SST-2 dev.
-    majority = max((0, 1), key=[label for _, label in splits.train].count)
-    baseline = metrics.classification_metrics([y for _, y in splits.dev], [majority] * len(splits.dev))
-    candidates = {  # name: (run-folder prefix, a fresh model, its task, its dev examples)
-        "BERT, pretrained (ch07)": ("bert-pretrained", lambda: BertForSequenceClassification.from_pretraining(pretrained_bert),
-                                    bert_task, bert_dev),
-        "BERT, random init": ("bert-random", lambda: BertForSequenceClassification(pretrained_bert.config), bert_task, bert_dev),
-        "GPT, pretrained on SST-2 text": ("gpt-pretrained", lambda: GPTForSequenceClassification.from_pretrained_gpt(
-            pretrained_gpt, pad_id=special.pad), gpt_task, gpt_dev),
-    }
-    if config.skip_gpt:
-        del candidates["GPT, pretrained on SST-2 text"]
-    runs = {name: [] for name in candidates}
-    for name, (prefix, build, task, dev) in candidates.items():
-        for seed in seeds:
-            print(f"\n== {name}, seed {seed} ==")
-            seed_everything(seed)  # the classifier's initialization, then the batches and dropout
-            run_config = Config(**{**asdict(config), "seed": seed, "overwrite": True, "out": str(out / f"{prefix}-seed{seed}")})
-            runs[name].append(finetune(build(), task, run_config, dev, {"model": name, "seed": seed}))
-
-    # 5. One table, the confusion matrix of the first model, and the accuracies as bars.
-    rows = {"majority class": [baseline]} | runs
-    mean = lambda key, scores: sum(s[key] for s in scores) / len(scores)  # noqa: E731
-    print(f"\nSST-2 dev ({len(splits.dev)} sentences), mean over seeds {seeds}:")
-    print(f"{'model':32} {'accuracy':>9} {'precision':>9} {'recall':>7} {'F1':>6}")
-    for name, scores in rows.items():
-        print(f"{name:32} {mean('accuracy', scores):9.1%} {mean('precision', scores):9.1%} "
-              f"{mean('recall', scores):7.1%} {mean('f1', scores):6.3f}")
-    first = next(iter(runs))
-    plots.plot_confusion_matrix(runs[first][0]["confusion_matrix"], ["negative", "positive"], out / "confusion_matrix.png",
-                                title=f"{first}, SST-2 dev")
-    plots.plot_bars({"accuracy": [mean("accuracy", s) for s in rows.values()]}, list(rows), out / "accuracy.png",
-                    title="SST-2 dev accuracy", ylabel="accuracy")
-    margin = mean("accuracy", runs["BERT, pretrained (ch07)"]) - mean("accuracy", runs["BERT, random init"])
-    summary = {f"SST-2 dev accuracy, {name}": f"{mean('accuracy', s):.1%}" for name, s in rows.items()}
-    summary["pretraining's gain (BERT, accuracy points)"] = f"{100 * margin:+.1f} (seeds {config.seeds})"
-    results = {"runs": runs, "baseline": baseline, "seeds": seeds, "config": asdict(config), "summary": summary}
+    # 4. Tables (mean ± standard deviation over seeds), learning curves, and pretraining's gain.
+    summary = {}
+    for task, rows in scores.items():
+        splits = tasks[task][0]
+        majority = metrics.accuracy([y for _, y in splits.test], [max((0, 1), key=[y for _, y in splits.train].count)]
+                                    * len(splits.test))
+        sizes = sorted({n for row in rows.values() for n in row})
+        print(f"\n{splits.name}, accuracy (mean ± sd over seeds {config.seeds}; majority class {majority:.1%}):")
+        print(f"{'model':44}" + "".join(f"{n:>16,}" for n in sizes))
+        for name, row in rows.items():
+            print(f"{name:44}" + "".join(f"{mean_sd(row[n]):>16}" for n in sizes))
+            for n in sizes:
+                summary[f"{splits.name}, {n:,} labels, {name}"] = mean_sd(row[n])
+        for family in runs:
+            pretrained, random = rows[f"{family}, pretrained"], rows[f"{family}, random init"]
+            gains = [100 * (mean(pretrained[n]) - mean(random[n])) for n in sizes]
+            print(f"{family + ': gain (points)':44}" + "".join(f"{g:>+16.1f}" for g in gains))
+        curves = {name: {n: [r["accuracy"] for r in row[n]] for n in sizes} for name, row in rows.items()}
+        plots.plot_learning_curves(curves, out / f"learning_curve_{task}.png", title=f"{splits.name}: pretrained vs random init",
+                                   reference=("majority class", majority))
+    for family in runs:  # the headline: pretraining's gain for chapter 07's BERT on SST-2, at the smallest and largest budget
+        if "sst2" in scores:
+            rows = scores["sst2"]
+            for n in (min(rows[f"{family}, pretrained"]), max(rows[f"{family}, pretrained"])):
+                gain = 100 * (mean(rows[f"{family}, pretrained"][n]) - mean(rows[f"{family}, random init"][n]))
+                summary[f"pretraining's gain, {family}, SST-2 dev, {n:,} labels (points)"] = f"{gain:+.1f}"
+    collapsed = [r["out"] for rows in scores.values() for row in rows.values() for runs_ in row.values() for r in runs_
+                 if r["collapsed"]]
+    summary["fine-tuning runs that predict one class"] = f"{len(collapsed)} of {sum(1 for rows in scores.values() for row in rows.values() for runs_ in row.values() for _ in runs_)}"
+    results = {"scores": scores, "summary": summary, "config": asdict(config)}
     write_json(out / "results.json", results)
-    print(f"\nPretraining's gain for BERT: {100 * margin:+.1f} accuracy points. Saved {out / 'confusion_matrix.png'}, "
-          f"{out / 'accuracy.png'} and {out / 'results.json'}")
+    print(f"\nSaved {', '.join(str(p) for p in sorted(out.glob('learning_curve_*.png')))} and {out / 'results.json'}")
     return results
+
+
+def mean(results: list[dict]) -> float:
+    return statistics.mean(r["accuracy"] for r in results)
+
+
+def mean_sd(results: list[dict]) -> str:
+    accuracies = [100 * r["accuracy"] for r in results]
+    return f"{statistics.mean(accuracies):.1f}" + (f" ± {statistics.stdev(accuracies):.1f}" if len(accuracies) > 1 else "")
+
+
+def reuse_or_finetune(folder: pathlib.Path, config: Config, build, data) -> dict:
+    """A finished run with the same settings is read back, not redone (a long grid resumes where it stopped);
+    otherwise fine-tune, and keep the scores and the log but not the weights (a grid would fill the disk)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "overwrite", "resume", "progress")}
+    done = folder / "results.json"
+    if done.exists() and read_json(done).get("settings") == settings and "test" in read_json(done):
+        return read_json(done)["test"]
+    seed_everything(config.seed)  # the classifier's initialization, then the batches
+    task, test = data
+    result = {**finetune(build(), task, config, test, {"model": folder.name, "seed": config.seed}, log=lambda m: None),
+              "out": str(folder)}
+    print(f"  {folder.parent.name}/{folder.name}: accuracy {result['accuracy']:.1%} (held-out {result['val_accuracy']:.1%}, "
+          f"best of {result['steps']:,} steps at {result['best_step']:,})", flush=True)
+    for name in ("checkpoint.safetensors", "model.safetensors"):
+        (folder / name).unlink(missing_ok=True)
+    write_json(done, {**read_json(done), "settings": settings, "test": result})
+    return result
 
 
 if __name__ == "__main__":

@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minillm import MinillmError, plots
+from minillm import MinillmError, datasets, plots
 from minillm.bert import BertForPreTraining, BertForSequenceClassification
 from minillm.checkpoint import read_json, write_json
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
 from minillm.finetune import (METHOD_RECIPES, ClassificationTask, FinetuneCommandConfig, FinetuneConfig,
                               count_parameters, encode_for_bert, finetune, make_efficient, saved_activation_bytes,
-                              sst2_splits, training_memory_bytes)
+                              training_memory_bytes)
 from minillm.hpsearch import best_trial, grid, random_search, results_table, run_trials
 from minillm.pretrain import BertPretrainConfig, pretrain_bert
 from minillm.tokenization import load_library_tokenizer, special_token_ids
@@ -78,10 +78,10 @@ def main(config: Config) -> dict:
         raise MinillmError(f"--max-length + --prompt-tokens exceed the BERT's {bert.config.max_len} positions")
 
     def sst2(limit: int):  # (task, dev): SST-2's first `limit` phrases, a leak-free slice of them held out; SST-2 dev
-        splits = sst2_splits(config.val_fraction, seed=config.seed, limit=limit)
+        splits = datasets.sst2_splits(config.val_fraction, seed=config.seed, limit=limit)
         encode = lambda examples: encode_for_bert(tokenizer, examples, config.max_length)  # noqa: E731
         pad = special_token_ids(tokenizer).pad
-        return ClassificationTask(encode(splits.train), encode(splits.val), pad), encode(splits.dev)
+        return ClassificationTask(encode(splits.train), encode(splits.val), pad), encode(splits.test)
 
     def fine_tune(params: dict, folder: pathlib.Path, task, dev, **changes) -> dict:  # one run, a trial's metrics
         shared = {k: v for k, v in asdict(config).items() if k in FinetuneCommandConfig.__dataclass_fields__}

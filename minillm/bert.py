@@ -144,6 +144,18 @@ def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The masked-LM loss: the mean cross-entropy over the positions that have a label (not -100),
+
+    .. math::  L = -\\frac{1}{\\max(1, |M|)} \\sum_{t \\in M} \\log \\mathrm{softmax}(z_t)_{y_t}
+
+    and 0 (with a zero gradient) when nothing was masked: a short batch can draw no masked token
+    at 15%, and ``F.cross_entropy``'s mean over no positions is 0/0 = NaN, which would end a run."""
+    logits, labels = at_least_fp32(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1)
+    total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
+
+
 def init_bert_weights(module: nn.Module) -> None:
     """BERT's initialization: N(0, 0.02) for every matrix and embedding, zero biases, LayerNorm (1, 0)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -204,8 +216,7 @@ class BertForPreTraining(nn.Module):
         output = BertPretrainingOutput(mlm_logits, nsp_logits)
         losses = []
         if targets is not None:
-            output.mlm_loss = F.cross_entropy(at_least_fp32(mlm_logits.reshape(-1, mlm_logits.shape[-1])), targets.reshape(-1),
-                                              ignore_index=-100)
+            output.mlm_loss = masked_lm_loss(mlm_logits, targets)
             losses.append(output.mlm_loss)
         if next_sentence_label is not None:
             output.nsp_loss = F.cross_entropy(at_least_fp32(nsp_logits), next_sentence_label)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm import MinillmError, data
+from minillm import MinillmError, data, datasets
 from minillm.bert import at_least_fp32  # bf16/fp16 upcast: cosines near 1 need the mantissa
 from minillm.train import TrainConfig
 
@@ -356,7 +356,7 @@ def sst2_sentences(limit: int = 0) -> tuple[list[tuple[str, int]], list[tuple[st
     A training sentence that contains a dev sentence or lies inside one (two do) is dropped, so no
     training text holds a piece of the test text. ``limit`` reads only the first N phrases (quick runs).
     """
-    phrases, labels = data.read_sst2("train")
+    phrases, labels = datasets.read_sst2("train")
     if limit:
         phrases, labels = phrases[:limit], labels[:limit]
     keys = [_key(p) for p in phrases]
@@ -372,7 +372,7 @@ def sst2_sentences(limit: int = 0) -> tuple[list[tuple[str, int]], list[tuple[st
         rarest = min(words, key=lambda w: len(index[w]))  # any phrase holding this one holds its rarest word
         if not any(len(keys[j]) > len(key) and key in keys[j] for j in index[rarest]):
             sentences.append(i)
-    dev_texts, dev_labels = data.read_sst2("dev")
+    dev_texts, dev_labels = datasets.read_sst2("dev")
     dev_keys = [_key(t) for t in dev_texts]
     dev_joined = "\n".join(dev_keys)
     seen, train = set(), []

@@ -1,9 +1,7 @@
-"""Data: the shipped corpora, cleaning, batches of sequences, and language-model blocks.
+"""Data: reading text, cleaning, batches of sequences, language-model blocks, and BERT's pretraining data.
 
-- Reading: ``data/`` (next to this package) holds Tiny Shakespeare and GLUE SST-2; see
-  data/README.md for sources, licences and checksums. ``MINILLM_DATA_DIR`` points elsewhere if
-  you moved them. :func:`read_imdb` reads an unpacked ``aclImdb`` folder that you download
-  yourself (not shipped). Reading errors are :class:`minillm.MinillmError` with one sentence naming the file.
+- Reading a text file (:func:`read_text_file`), refusing missing, empty and binary files with one
+  sentence. The shipped data sets themselves, their readers and splits are :mod:`minillm.datasets`.
 - Cleaning (:func:`clean_text`): control characters, whitespace, Unicode normalization, exact
   and near-exact line de-duplication, with a report of what each step changed.
 - Batches of sequences (:func:`pad_batch`, :func:`encode_pair`, :func:`encode_pair_batch`):
@@ -13,9 +11,10 @@
   binary file opened as a numpy memmap, random (x, y) batches from a seedable generator, and
   every block in order for evaluation.
 - BERT pretraining (:func:`mask_tokens`, :func:`word_starts_from_tokens`, :func:`nsp_pairs`,
-  :func:`sst2_documents`, :func:`text_documents`, :func:`leak_free_split`): masked-LM
-  corruption (80/10/10, optionally whole words), next-sentence pairs, corpora cut into
-  documents of segments, and a validation split that does not leak into training.
+  :func:`split_sentences`, :func:`review_documents`, :func:`pack_segments`, :func:`sst2_documents`,
+  :func:`text_documents`, :func:`leak_free_split`): masked-LM corruption (80/10/10, optionally
+  whole words), next-sentence pairs, corpora cut into documents of sentences and packed into
+  nearly full-length segments, and a validation split that does not leak into training.
 """
 
 from __future__ import annotations
@@ -37,24 +36,8 @@ import torch
 from minillm import MinillmError
 from minillm.checkpoint import read_json, write_json
 
-DATA_ENV = "MINILLM_DATA_DIR"
-
 HTML_LINE_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
 """The ``<br />`` tags (also ``<br>``, ``<br/>``, any case) that IMDB reviews use as line breaks."""
-
-
-def data_dir() -> pathlib.Path:
-    """The folder with the shipped data sets: ``$MINILLM_DATA_DIR`` or the repository's ``data/``."""
-    override = os.environ.get(DATA_ENV)
-    return pathlib.Path(override) if override else pathlib.Path(__file__).resolve().parent.parent / "data"
-
-
-def data_path(*parts: str) -> pathlib.Path:
-    """The path of a shipped file, e.g. ``data_path("sst2", "dev.tsv")``; an error if it is missing."""
-    path = data_dir().joinpath(*parts)
-    if not path.exists():
-        raise MinillmError(f"data file {path} is missing: the repository's data/ folder should hold it (see data/README.md)")
-    return path
 
 
 def read_text_file(path: str | os.PathLike) -> str:
@@ -71,66 +54,6 @@ def read_text_file(path: str | os.PathLike) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise MinillmError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded)") from None
-
-
-def read_sst2(split: str = "train", path: str | os.PathLike | None = None) -> tuple[list[str], list[int]]:
-    """Read a GLUE SST-2 split: ``(sentences, labels)`` with label 1 = positive, 0 = negative.
-
-    ``split`` is ``"train"`` (67,349 phrases) or ``"dev"`` (872 sentences); ``path`` reads
-    another file in the same format (a ``sentence<TAB>label`` header, one example per line).
-    """
-    if path is None:
-        if split not in ("train", "dev"):
-            raise MinillmError(f"unknown SST-2 split {split!r}: use 'train' or 'dev'")
-        path = data_path("sst2", f"{split}.tsv")
-    lines = read_text_file(path).splitlines()
-    if not lines or lines[0].strip().split("\t") != ["sentence", "label"]:
-        raise MinillmError(f"{path} is not an SST-2 file: its first line must be 'sentence<TAB>label'")
-    sentences, labels = [], []
-    for line_number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        sentence, _, label = line.rpartition("\t")
-        if label.strip() not in ("0", "1") or not sentence:
-            raise MinillmError(f"{path}, line {line_number}: expected 'sentence<TAB>0 or 1', got {line[:60]!r}")
-        sentences.append(sentence.strip())
-        labels.append(int(label))
-    return sentences, labels
-
-
-IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/"
-IMDB_LAYOUT = "<root>/<split>/pos/*.txt and <root>/<split>/neg/*.txt, one review per file, as in aclImdb_v1.tar.gz"
-
-
-def read_imdb(root: str | os.PathLike, split: str = "train") -> tuple[list[str], list[int]]:
-    """Read a split of the IMDB movie-review data set (Maas et al., 2011): ``(texts, labels)``, 1 = positive.
-
-    ``root`` is the unpacked ``aclImdb`` folder (from https://ai.stanford.edu/~amaas/data/sentiment/;
-    it is not shipped with minillm and nothing here downloads it). Reviews are read from
-    ``root/<split>/pos/*.txt`` (label 1) and ``root/<split>/neg/*.txt`` (label 0) as UTF-8, positives
-    first, each folder sorted by file name so the order is the same on every machine. The HTML line
-    breaks the reviews contain (``<br />``, ``<br/>``, ``<br>``) each become a space, and the text is
-    stripped. ``split`` is ``"train"`` or ``"test"`` (25,000 reviews each, half positive); the
-    unlabelled ``unsup`` reviews are not read.
-    """
-    if split not in ("train", "test"):
-        raise MinillmError(f"unknown IMDB split {split!r}: use 'train' or 'test'")
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise MinillmError(f"IMDB folder {root} does not exist: download and unpack aclImdb from {IMDB_URL} "
-                           f"(expected layout: {IMDB_LAYOUT})")
-    texts, labels = [], []
-    for folder_name, label in (("pos", 1), ("neg", 0)):
-        folder = root / split / folder_name
-        if not folder.is_dir():
-            raise MinillmError(f"{folder} is missing: {root} is not an unpacked aclImdb folder (expected layout: {IMDB_LAYOUT})")
-        files = sorted(folder.glob("*.txt"))
-        if not files:
-            raise MinillmError(f"{folder} holds no .txt reviews (expected layout: {IMDB_LAYOUT})")
-        for file in files:
-            texts.append(HTML_LINE_BREAK.sub(" ", read_text_file(file)).strip())
-            labels.append(label)
-    return texts, labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,6 +664,73 @@ def text_documents(text: str) -> list[list[str]]:
     if current:
         documents.append(current)
     return documents
+
+
+SENTENCE_BOUNDARY = re.compile(r"""([.!?]+["')\]]*)\s+(?=["'(\[]*[A-Z0-9])""")
+"""A candidate sentence end: one or more of ``. ! ?``, closing quotes or brackets, whitespace, and
+then (looked ahead, not consumed) a capital letter or a digit, perhaps after opening quotes or brackets."""
+
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof st jr sr vs etc e.g i.e mt ft gen col lt sgt capt rev inc ltd co no vol approx".split())
+"""Lowercased words that end in a period without ending a sentence ("Mr. Smith", "vs. Predator")."""
+
+
+def split_sentences(text: str) -> list[str]:
+    """Cut a text into sentences with a rule, as BERT's data preparation needs for next-sentence pairs.
+
+    A sentence ends at :data:`SENTENCE_BOUNDARY` (``. ! ?``, then whitespace, then a capital or a
+    digit), except after an abbreviation in :data:`ABBREVIATIONS` or a single capital letter (an
+    initial: "J. R. R. Tolkien"). Nothing is lost: cuts fall only on whitespace, so the sentences
+    joined by single spaces give back the text with its whitespace runs collapsed. A rule this small
+    errs on purpose toward longer sentences: a missed boundary merges two sentences, which costs
+    next-sentence prediction little; a wrong one would cut a sentence apart.
+    """
+    sentences, start = [], 0
+    for match in SENTENCE_BOUNDARY.finditer(text):
+        end = match.end(1)  # the sentence keeps its punctuation and closing quotes
+        if match.group(1)[0] == ".":
+            word = text[:match.start(1)].rsplit(None, 1)[-1] if text[:match.start(1)].strip() else ""
+            if word.lower().lstrip("\"'(") in ABBREVIATIONS or (len(word) == 1 and word.isupper()):
+                continue
+        sentence = " ".join(text[start:end].split())
+        if sentence:
+            sentences.append(sentence)
+        start = match.end()
+    rest = " ".join(text[start:].split())
+    if rest:
+        sentences.append(rest)
+    return sentences
+
+
+def review_documents(reviews: Sequence[str]) -> list[list[str]]:
+    """Reviews as documents for next-sentence prediction: each review a list of its sentences
+    (:func:`split_sentences`), so "B follows A" means B is A's next sentence in the same review.
+    Empty reviews are dropped. Strings, not ids, as in :func:`text_documents`."""
+    return [sentences for sentences in map(split_sentences, reviews) if sentences]
+
+
+def pack_segments(segments: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    """Consecutive segments (sentences, as token ids) joined greedily into chunks of at most ``max_tokens``.
+
+    BERT's ``create_pretraining_data.py`` fills each side of a pair with as many whole sentences as fit,
+    so that its examples are nearly full length: every position embedding trains, and a batch holds
+    little padding. Here each chunk takes sentences in order while the total stays within
+    ``max_tokens``; a sentence longer than that becomes a chunk of its own (pairs truncate it later,
+    :func:`truncate_pair`). The chunks, concatenated, are the segments concatenated: nothing is dropped
+    or reordered. Feed the chunks of each document to :func:`nsp_pairs`.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for segment in segments:
+        if current and len(current) + len(segment) > max_tokens:
+            chunks.append(current)
+            current = []
+        current = current + list(segment)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def leak_free_split(texts: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:

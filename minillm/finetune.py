@@ -27,15 +27,16 @@ The freezing functions and :func:`add_adapters` change the model in place and re
 Training any of them is the shared loop's job (:class:`minillm.train.Trainer`): :class:`ClassificationTask`
 turns labelled token sequences into batches, :class:`FinetuneConfig` sets the fine-tuning recipe (a small
 learning rate with warmup, weight decay, one evaluation per epoch, early stopping, the best epoch
-restored), and :func:`finetune` runs it and scores the result on a test split (:func:`sst2_splits`
-gives SST-2's). ``python -m minillm finetune`` is the command.
+restored), and :func:`finetune` runs it and scores the result on a test split (:mod:`minillm.datasets`
+gives SST-2's and IMDB's splits). ``python -m minillm finetune`` is the command.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import random
+import typing
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal, Sequence
 
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm import MinillmError, data, metrics
+from minillm import MinillmError, data, datasets, metrics
 from minillm.bert import BertForSequenceClassification, ClassificationOutput, at_least_fp32
 from minillm.device import autocast
 from minillm.gpt import GPT, GPTConfig
@@ -597,6 +598,12 @@ class ClassificationTask:
     def loss(model, batch: ClassificationBatch) -> torch.Tensor:
         return model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
+    @staticmethod
+    def evaluate_batch(model, batch: ClassificationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss and the number of right predictions (argmax of the logits), from one forward pass."""
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        return out.loss, (out.logits.argmax(-1) == batch.labels).sum()
+
     def eval_batches(self, batch_size: int, device, max_batches: int | None = None,
                      examples: Sequence[tuple[Sequence[int], int]] | None = None):
         examples = sorted(self.val if examples is None else examples, key=lambda example: len(example[0]))
@@ -633,101 +640,150 @@ def predict(model, task: ClassificationTask, examples, device, batch_size: int =
     return predicted, true
 
 
-@dataclass
-class SST2Splits:
-    """SST-2 as lists of (text, label): training phrases, a held-out slice of them for early stopping,
-    and the dev sentences every SST-2 result is reported on."""
-
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
-    dev: list[tuple[str, int]]
-
-
-def sst2_splits(val_fraction: float = 0.05, seed: int = 0, limit: int = 0) -> SST2Splits:
-    """SST-2 train (phrases) split leak-free into train / val (:func:`minillm.data.leak_free_split`: no
-    training phrase is part of a validation phrase or the other way round), and SST-2 dev (872 sentences).
-
-    ``limit`` keeps the first N training phrases (0: all 67,349), for quick runs.
-    """
-    phrases, labels = data.read_sst2("train")
-    if limit:
-        phrases, labels = phrases[:limit], labels[:limit]
-    label_of = dict(zip(phrases, labels))
-    train_texts, val_texts = data.leak_free_split(phrases, val_fraction, seed=seed)
-    dev_texts, dev_labels = data.read_sst2("dev")
-    return SST2Splits([(t, label_of[t]) for t in train_texts], [(t, label_of[t]) for t in val_texts],
-                      list(zip(dev_texts, dev_labels)))
-
-
-def with_labelled(splits: SST2Splits, labelled: int, seed: int = 0) -> SST2Splits:
-    """``splits`` with only a seeded random ``labelled`` of its training examples (0, or more than there
-    are: all), the held-out and report splits whole: the low-resource setting, few labels to learn from."""
-    if not labelled or labelled >= len(splits.train):
-        return splits
-    return replace(splits, train=random.Random(seed).sample(splits.train, labelled))
+def head_and_tail(ids: Sequence[int], max_tokens: int) -> list[int]:
+    """At most ``max_tokens`` of ``ids``: all of them if they fit, else the first half and the last half of the
+    budget (Sun et al., 2019, "How to Fine-Tune BERT for Text Classification?", section 5.3.1: a long review's
+    verdict is as often at its end as at its start, and head + tail beat the head alone on IMDB)."""
+    if len(ids) <= max_tokens:
+        return list(ids)
+    head = (max_tokens + 1) // 2
+    return [*ids[:head], *ids[len(ids) - (max_tokens - head):]]
 
 
 def encode_for_bert(tokenizer, texts_and_labels, max_length: int) -> list[tuple[list[int], int]]:
-    """``[CLS] text [SEP]`` token ids (the text truncated to fit ``max_length``) with each label."""
+    """``[CLS] text [SEP]`` token ids with each label; a text too long for ``max_length`` keeps its head
+    and its tail (:func:`head_and_tail`)."""
     from minillm.tokenization import special_token_ids
 
     special = special_token_ids(tokenizer)
     encodings = tokenizer.encode_batch([text for text, _ in texts_and_labels])
-    return [([special.cls, *encoding.ids[: max_length - 2], special.sep], label)
+    return [([special.cls, *head_and_tail(encoding.ids, max_length - 2), special.sep], label)
             for encoding, (_, label) in zip(encodings, texts_and_labels)]
 
 
 def encode_for_gpt(tokenizer, texts_and_labels, max_length: int, end_id: int) -> list[tuple[list[int], int]]:
-    """``text [end]`` token ids (truncated to ``max_length``): a causal model's last position has read the
-    whole text, and the end token makes that position the same kind of token in every example."""
+    """``text [end]`` token ids (a text too long keeps its head and tail, :func:`head_and_tail`): a causal model's
+    last position has read the whole text, and the end token makes that position the same kind of token in
+    every example."""
     encodings = tokenizer.encode_batch([text for text, _ in texts_and_labels])
-    return [([*encoding.ids[: max_length - 1], end_id], label) for encoding, (_, label) in zip(encodings, texts_and_labels)]
+    return [([*head_and_tail(encoding.ids, max_length - 1), end_id], label)
+            for encoding, (_, label) in zip(encodings, texts_and_labels)]
+
+
+def load_pretrained(run) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` of a pretraining run folder: a BERT (``pretrain bert``, chapter 07) or a GPT
+    pretrained with a ``tokenizers`` tokenizer (chapter 08's), told apart by its config.json."""
+    import pathlib
+
+    from minillm.bert import BertForPreTraining
+    from minillm.checkpoint import read_json
+    from minillm.tokenization import load_library_tokenizer
+
+    run = pathlib.Path(run)
+    if not (run / "config.json").is_file() or not (run / "tokenizer.json").is_file():
+        raise MinillmError(f"{run} is not a pretraining run folder (it needs config.json, tokenizer.json and model.safetensors)")
+    kind = read_json(run / "config.json").get("model", {}).get("type")
+    model = BertForPreTraining.from_run(run) if kind == "bert" else GPT.from_run(run)
+    return model, load_library_tokenizer(run / "tokenizer.json")
+
+
+def classifier_candidates(family: str, run) -> dict[str, "typing.Callable[[], nn.Module]"]:
+    """The two classifiers pretraining's gain compares, as zero-argument builders (call them after seeding):
+    ``"<family>, pretrained"`` (the run's weights under a fresh classifier) and ``"<family>, random init"``
+    (the same shape and tokenizer, every weight fresh)."""
+    from minillm.tokenization import special_token_ids
+
+    pretrained, tokenizer = load_pretrained(run)
+    if isinstance(pretrained, GPT):
+        pad = special_token_ids(tokenizer).pad
+        return {f"{family}, pretrained": lambda: GPTForSequenceClassification.from_pretrained_gpt(pretrained, pad_id=pad),
+                f"{family}, random init": lambda: GPTForSequenceClassification(pretrained.config, pad_id=pad)}
+    return {f"{family}, pretrained": lambda: BertForSequenceClassification.from_pretraining(pretrained),
+            f"{family}, random init": lambda: BertForSequenceClassification(pretrained.config)}
+
+
+def encoded_splits(run, splits: datasets.LabelledSplits, max_length: int) -> tuple[datasets.LabelledSplits, int]:
+    """``splits`` with every text turned into the token ids the run's model reads (BERT: ``[CLS] text [SEP]``,
+    GPT: ``text [SEP]``), at most ``max_length`` or the model's positions, and the padding id. Sample a label
+    budget from the result with :func:`minillm.datasets.with_labelled`."""
+    from minillm.tokenization import special_token_ids
+
+    model, tokenizer = load_pretrained(run)
+    special = special_token_ids(tokenizer)
+    if isinstance(model, GPT):
+        length = min(max_length, model.config.block_size)
+        encode = lambda examples: encode_for_gpt(tokenizer, examples, length, special.sep)  # noqa: E731
+    else:
+        length = min(max_length, model.config.max_len)
+        encode = lambda examples: encode_for_bert(tokenizer, examples, length)  # noqa: E731
+    return replace(splits, train=encode(splits.train), val=encode(splits.val), test=encode(splits.test)), special.pad
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """Fine-tune a classifier on SST-2 with the shared loop (evaluation every epoch, early stopping, best model kept)."""
+    """Fine-tune a classifier with the shared loop: enough steps for any label budget, the held-out split
+    evaluated ten times, the most accurate model kept, and a warning if it predicts one class only."""
 
     out: str = field(default="runs/finetune", metadata={"help": "run folder: checkpoints, log.jsonl, loss.png, results.json"})
-    epochs: int = field(default=2, metadata={"help": "passes over the training examples; sets the step budget (--max-iters), one evaluation of the whole held-out split per epoch (--eval-interval, --eval-iters) and --warmup-iters (from --warmup-fraction)"})
-    batch_size: int = field(default=64, metadata={"help": "examples per micro-batch, per process"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training examples (the step budget, with --min-steps)"})
+    min_steps: int = field(default=600, metadata={"help": "at least this many optimizer steps, however few the labels: 250 "
+                                                          "examples are 8 steps an epoch, too few to learn from"})
+    evaluations: int = field(default=10, metadata={"help": "evaluations of the whole held-out split over the run (the best "
+                                                           "one's weights are kept)"})
+    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch, per process"})
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (small: the pretrained weights need only nudging)"})
     min_lr: float = field(default=2e-5, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_fraction: float = field(default=0.1, metadata={"help": "fraction of the steps spent warming the learning rate up"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW decoupled weight decay (BERT's)"})
     beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (BERT's)"})
-    patience: int = field(default=2, metadata={"help": "stop after N epochs without a lower validation loss (0: never)"})
-    max_length: int = field(default=64, metadata={"help": "tokens per example; longer texts are truncated"})
-    val_fraction: float = field(default=0.1, metadata={"help": "training phrases drawn for the early-stopping split "
-                                                               "(~1 in 9 survives the leak check)"})
+    patience: int = field(default=0, metadata={"help": "stop after N evaluations without a better held-out score (0: never)"})
+    select_by: Literal["loss", "accuracy"] = field(default="accuracy", metadata={
+        "help": "what picks the best evaluation: held-out accuracy (ties broken by the loss), or the loss alone"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example, at most the model's positions; longer texts are "
+                                                           "truncated (SST-2's sentences fit in 64, IMDB's reviews average ~300)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "training examples drawn for the held-out split (SST-2: "
+                                                               "~1 in 9 survives the leak check, ~740 sentences)"})
     sst2_limit: int = field(default=0, metadata={"help": "use only the first N SST-2 training phrases (0: all)"})
-    labelled: int = field(default=0, metadata={"help": "fine-tune on a random N of the training examples (0: all), the "
-                                                       "held-out split kept whole: the low-resource setting"})
-    QUICK = {"epochs": 2, "batch_size": 16, "sst2_limit": 1500, "progress": False, "max_length": 32}
+    labelled: int = field(default=0, metadata={"help": "fine-tune on a seeded, stratified random N of the training examples "
+                                                       "(0: all), the held-out split kept whole: the low-resource setting"})
+    QUICK = {"epochs": 2, "min_steps": 20, "batch_size": 16, "sst2_limit": 1500, "progress": False, "max_length": 32}
 
     def validate(self):
         super().validate()
-        if self.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.epochs < 1 or self.evaluations < 1 or self.min_steps < 0:
+            raise ValueError(f"--epochs and --evaluations must be at least 1 and --min-steps at least 0, got "
+                             f"{self.epochs}, {self.evaluations} and {self.min_steps}")
         if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0:
             raise ValueError("--warmup-fraction must be in [0, 1) and --val-fraction in (0, 1)")
         if self.labelled < 0:
-            raise ValueError(f"--labelled must be 0 (all) or a number of phrases, got {self.labelled}")
+            raise ValueError(f"--labelled must be 0 (all) or a number of examples, got {self.labelled}")
         if self.max_length < 3:
             raise ValueError(f"--max-length must be at least 3, got {self.max_length}")
 
     def loop_config(self, steps_per_epoch: int, val_examples: int) -> "FinetuneConfig":
-        """The settings with the step budget, one evaluation per epoch on the whole validation split, and warmup in steps."""
-        max_iters = self.epochs * steps_per_epoch
-        return replace(self, max_iters=max_iters, eval_interval=steps_per_epoch, lr_decay_iters=0,
-                       eval_iters=math.ceil(val_examples / self.batch_size), warmup_iters=int(self.warmup_fraction * max_iters))
+        """The loop's settings: ``max(epochs x steps_per_epoch, min_steps)`` steps, ``evaluations`` evenly
+        spaced evaluations of the whole validation split, and warmup in steps."""
+        max_iters = max(self.epochs * steps_per_epoch, self.min_steps)
+        return replace(self, max_iters=max_iters, eval_interval=max(1, math.ceil(max_iters / self.evaluations)),
+                       lr_decay_iters=0, eval_iters=math.ceil(val_examples / self.batch_size),
+                       warmup_iters=int(self.warmup_fraction * max_iters))
+
+
+def predicts_one_class(predicted: Sequence[int], true: Sequence[int], share: float = 0.95) -> bool:
+    """The collapse guard: does a classifier give one label to at least ``share`` of the examples while
+    the true labels are more mixed than that? Such a model has learned the label prior, not the task:
+    a recipe that ends there (too few steps, a rate too high or too low) is broken, whatever its accuracy."""
+    if not predicted:
+        return False
+    top = max(Counter(predicted).values()) / len(predicted)
+    return top >= share and max(Counter(true).values()) / len(true) < share
 
 
 def finetune(model, task: ClassificationTask, config: FinetuneConfig, test_examples, run_info: dict | None = None,
              log=print, prepare=None) -> dict:
-    """Train ``model`` on ``task`` with the shared :class:`~minillm.train.Trainer` (the best epoch's weights
+    """Train ``model`` on ``task`` with the shared :class:`~minillm.train.Trainer` (the best evaluation's weights
     are restored at the end) and score it on ``test_examples``: accuracy, precision, recall, F1 (positive
-    class 1) and the confusion matrix."""
+    class 1), the confusion matrix, and ``collapsed`` (:func:`predicts_one_class`, with a warning)."""
     from minillm.train import Trainer
 
     loop = config.loop_config(task.steps_per_epoch(config.batch_size), len(task.val))
@@ -736,8 +792,14 @@ def finetune(model, task: ClassificationTask, config: FinetuneConfig, test_examp
     predicted, true = predict(model, task, test_examples, trainer.device, precision=config.precision)
     scores = metrics.classification_metrics(true, predicted)
     matrix = metrics.confusion_matrix(true, predicted, num_classes=2)
+    collapsed = predicts_one_class(predicted, true)
+    if collapsed:
+        log(f"warning: the classifier in {config.out} gives one label to {max(Counter(predicted).values()):,} of "
+            f"{len(predicted):,} test examples: it learned the label prior, not the task (try more --min-steps or "
+            "another --lr)")
     return {**scores, "confusion_matrix": matrix.tolist(), "steps": result.steps, "best_step": result.best_step,
-            "val_loss": result.val_loss, "train_seconds": result.seconds, "stopped_early": result.stopped_early}
+            "val_loss": result.val_loss, "val_accuracy": result.val_accuracy, "train_seconds": result.seconds,
+            "stopped_early": result.stopped_early, "collapsed": collapsed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,8 +838,13 @@ class FinetuneCommandConfig(FinetuneConfig):
     lora_r: int = field(default=8, metadata={"help": "with --method lora: the rank r"})
     lora_alpha: float = field(default=16.0, metadata={"help": "with --method lora: the scale alpha (update x alpha/r)"})
     prompt_tokens: int = field(default=20, metadata={"help": "with --method prompt: soft-prompt vectors"})
-    imdb: str = field(default="", metadata={"help": "an aclImdb folder (train/ and test/ with pos/ and neg/) to use "
-                                                    "instead of SST-2; test/ is the report split"})
+    data: Literal["sst2", "imdb"] = field(default="sst2", metadata={"help": "sst2: SST-2's phrases, reported on SST-2 dev; "
+                                                                         "imdb: IMDB's 25,000 training reviews, reported on its "
+                                                                         "test split"})
+    imdb_folder: str = field(default="", metadata={"help": "with --data imdb: read an unpacked aclImdb folder of your own "
+                                                           "instead of the shipped data/imdb"})
+    test_limit: int = field(default=0, metadata={"help": "with --data imdb: score on a fixed stratified N of the 25,000 test "
+                                                         "reviews (0: all)"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's recipe: " + ", ".join(
         f"{m} {lr:g}" for m, (lr, _) in METHOD_RECIPES.items()) + ")"})
     weight_decay: float | None = field(default=None, metadata={"help": "AdamW decoupled weight decay (default: the method's "
@@ -817,18 +884,15 @@ def make_efficient(model: nn.Module, config: FinetuneCommandConfig, generator: t
     return model
 
 
-def labelled_splits(config: FinetuneCommandConfig) -> SST2Splits:
-    """SST-2 (train phrases / held-out slice / dev), or IMDB (train reviews / a random 10% of them / test)."""
-    if not config.imdb:
-        return with_labelled(sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit),
-                             config.labelled, config.seed)
-    texts, labels = data.read_imdb(config.imdb, "train")
-    test_texts, test_labels = data.read_imdb(config.imdb, "test")
-    examples = list(zip(texts, labels))
-    random.Random(config.seed).shuffle(examples)
-    n_val = max(1, int(len(examples) * config.val_fraction))
-    return with_labelled(SST2Splits(examples[n_val:], examples[:n_val], list(zip(test_texts, test_labels))),
-                         config.labelled, config.seed)
+def labelled_splits(config: FinetuneCommandConfig) -> datasets.LabelledSplits:
+    """SST-2 (train phrases / a leak-free held-out slice / dev) or IMDB (train reviews / a random slice of
+    them / test), with ``--labelled`` applied to the training examples."""
+    if config.data == "imdb":
+        splits = datasets.imdb_splits(config.val_fraction, seed=config.seed, test_limit=config.test_limit,
+                                      folder=config.imdb_folder or None)
+    else:
+        splits = datasets.sst2_splits(config.val_fraction, seed=config.seed, limit=config.sst2_limit)
+    return datasets.with_labelled(splits, config.labelled, config.seed)
 
 
 def run_finetune(config: FinetuneCommandConfig) -> dict:
@@ -855,13 +919,14 @@ def run_finetune(config: FinetuneCommandConfig) -> dict:
     model = make_efficient(model, config, torch.Generator().manual_seed(config.seed))
     trainable, total = count_parameters(model)
     splits = labelled_splits(config)
-    task = ClassificationTask(encode_for_bert(tokenizer, splits.train, config.max_length),
-                              encode_for_bert(tokenizer, splits.val, config.max_length), special.pad)
-    report = "IMDB test" if config.imdb else "SST-2 dev"
+    length = min(config.max_length, pretrained.config.max_len - (config.prompt_tokens if config.method == "prompt" else 0))
+    task = ClassificationTask(encode_for_bert(tokenizer, splits.train, length),
+                              encode_for_bert(tokenizer, splits.val, length), special.pad, seed=config.seed)
+    report = splits.name
     print(f"{config.method} fine-tuning of {init}{' (weights reset)' if config.from_scratch else ''}: "
           f"{trainable:,} of {total:,} parameters train; {len(splits.train):,} training / {len(splits.val):,} held-out "
-          f"examples; reporting on {report} ({len(splits.dev):,})")
-    scores = finetune(model, task, config, encode_for_bert(tokenizer, splits.dev, config.max_length),
+          f"examples; reporting on {report} ({len(splits.test):,})")
+    scores = finetune(model, task, config, encode_for_bert(tokenizer, splits.test, length),
                       {"model": {"type": "bert-classifier", "init": str(init), "method": config.method}},
                       prepare=lambda folder: save_library_tokenizer(tokenizer, folder / "tokenizer.json"))
     print(f"{report}: accuracy {scores['accuracy']:.1%}, precision {scores['precision']:.1%}, "

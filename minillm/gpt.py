@@ -222,6 +222,32 @@ class GPT(nn.Module):
         self.train(was_training)
         return idx
 
+    @classmethod
+    def from_run(cls, path: str | os.PathLike) -> "GPT":
+        """A ``python -m minillm pretrain gpt`` run folder's GPT (or a ``.safetensors`` file in one): the best
+        weights (``model.safetensors``), or the latest checkpoint's when there is no best yet."""
+        from minillm.checkpoint import load_model_state, read_json, read_safetensors
+
+        path = pathlib.Path(path)
+        folder = path.parent if path.suffix == ".safetensors" else path
+        if not folder.is_dir():
+            raise MinillmError(f"{folder} is not a run folder (expected config.json, tokenizer.json and model.safetensors)")
+        if not (folder / "config.json").is_file():
+            raise MinillmError(f"{folder} has no config.json: is it a minillm run folder?")
+        model_info = dict(read_json(folder / "config.json").get("model", {}))
+        kind = model_info.pop("type", None)
+        if kind != "gpt":
+            raise MinillmError(f"{folder} holds a {kind!r} model, not a GPT")
+        weights = path if path.suffix == ".safetensors" else next(
+            (folder / name for name in ("model.safetensors", "checkpoint.safetensors") if (folder / name).exists()),
+            folder / "model.safetensors")
+        tensors, _ = read_safetensors(weights)
+        if weights.name == "checkpoint.safetensors" or any(k.startswith("model/") for k in tensors):
+            tensors = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        model = cls(GPTConfig.from_dict(model_info))
+        load_model_state(model, tensors, str(weights))
+        return model
+
     # -----------------------------------------------------------------------------------------
     # Hugging Face GPT-2 checkpoints
     # -----------------------------------------------------------------------------------------

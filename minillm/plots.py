@@ -353,3 +353,37 @@ def plot_confusion_matrix(
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class (row)")
     return save_figure(fig, path)
+
+
+def plot_learning_curves(
+    curves: Mapping[str, Mapping[float, Sequence[float]]],
+    path: str | os.PathLike,
+    title: str = "Accuracy against labelled examples",
+    xlabel: str = "labelled training examples (log scale)",
+    ylabel: str = "accuracy",
+    reference: tuple[str, float] | None = None,
+) -> pathlib.Path:
+    """Learning curves with their spread: ``curves[name][x]`` holds one score per seed at ``x`` labelled
+    examples; each curve is drawn through the means, its seeds' range (min to max) shaded, on a log x axis.
+    Names that share their text before ", " (say "BERT, pretrained" and "BERT, random init") share a
+    colour, pretrained solid and the rest dashed; ``reference`` is a horizontal line (name, value),
+    e.g. the majority class."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    colours: dict[str, str] = {}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown"]
+    for name, points in curves.items():
+        family = name.split(", ")[0]
+        colour = colours.setdefault(family, palette[len(colours) % len(palette)])
+        xs = sorted(points)
+        means = [sum(points[x]) / len(points[x]) for x in xs]
+        style = "-" if "pretrained" in name else "--"
+        ax.plot(xs, means, style, marker="o", color=colour, label=name)
+        ax.fill_between(xs, [min(points[x]) for x in xs], [max(points[x]) for x in xs], color=colour, alpha=0.15)
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", linestyle=":", label=reference[0])
+    ax.set_xscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

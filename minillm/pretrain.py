@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minillm import MinillmError, data
-from minillm.checkpoint import atomic_write_text, read_json, read_safetensors, load_model_state
+from minillm import MinillmError, data, datasets
+from minillm.checkpoint import atomic_write_text, read_json
 from minillm.config import QuickConfig
 from minillm.device import pick_device, seed_everything
 from minillm.gpt import GPT, GPTConfig
 from minillm.tokenization import BPETokenizer, CharTokenizer, UnknownCharacterError, load_tokenizer
-from minillm.train import BEST_MODEL, CHECKPOINT, ExampleDraws, LanguageModelingTask, Trainer, TrainConfig, TrainResult, check_run_folder
+from minillm.train import ExampleDraws, LanguageModelingTask, Trainer, TrainConfig, TrainResult, check_run_folder
 
 
 @dataclass
@@ -77,7 +77,7 @@ class GPTPretrainConfig(TrainConfig):
 
     @property
     def corpus_path(self) -> pathlib.Path:
-        return pathlib.Path(self.data) if self.data else data.data_path("tinyshakespeare.txt")
+        return pathlib.Path(self.data) if self.data else datasets.data_path("tinyshakespeare.txt")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
@@ -137,26 +137,12 @@ def pretrain_gpt(config: GPTPretrainConfig, stop_after: int | None = None, log=p
 
 
 def load_run(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """``(model, tokenizer)`` from a run folder (or a ``.safetensors`` file in one): the best weights
-    (``model.safetensors``), or the latest checkpoint's when there is no best yet."""
+    """``(model, tokenizer)`` from a GPT run folder (or a ``.safetensors`` file in one): the best weights
+    (``model.safetensors``), or the latest checkpoint's when there is no best yet (:meth:`GPT.from_run`)."""
     path = pathlib.Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
-    if not folder.is_dir():
-        raise MinillmError(f"{folder} is not a run folder (expected config.json, tokenizer.json and model.safetensors)")
-    if not (folder / "config.json").is_file():
-        raise MinillmError(f"{folder} has no config.json: is it a minillm run folder?")
-    run_info = read_json(folder / "config.json")
-    model_info = dict(run_info.get("model", {}))
-    if model_info.pop("type", None) != "gpt":
-        raise MinillmError(f"{folder} holds a {run_info.get('model', {}).get('type')!r} model, not a GPT")
-    weights = path if path.suffix == ".safetensors" else next(
-        (folder / name for name in (BEST_MODEL, CHECKPOINT) if (folder / name).exists()), folder / BEST_MODEL)
-    tensors, _ = read_safetensors(weights)
-    if weights.name == CHECKPOINT or any(k.startswith("model/") for k in tensors):
-        tensors = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    model = GPT(GPTConfig.from_dict(model_info))
-    load_model_state(model, tensors, str(weights))
-    tokenizer = load_tokenizer(folder / run_info.get("tokenizer", "tokenizer.json"))
+    model = GPT.from_run(path)
+    tokenizer = load_tokenizer(folder / read_json(folder / "config.json").get("tokenizer", "tokenizer.json"))
     return model.to(device).eval(), tokenizer
 
 
@@ -350,17 +336,19 @@ def evaluate_bert(model, task: BertPretrainingTask, device, batch_size: int = 64
 
 @dataclass
 class BertPretrainConfig(TrainConfig):
-    """Pretrain a BERT (masked LM + next-sentence prediction) on SST-2's training sentences or a text file."""
+    """Pretrain a BERT (masked LM + next-sentence prediction) on IMDB's unlabelled reviews, SST-2's phrases or a text file."""
 
     out: str = field(default="runs/bert", metadata={"help": "run folder: tokenizer, checkpoints, log.jsonl, loss.png, results"})
-    data: str = field(default="", metadata={"help": "a UTF-8 text file (documents: blocks between blank lines; sentences: "
-                                                   "lines); default: SST-2's training phrases, labels dropped"})
+    data: str = field(default="imdb", metadata={"help": "what to pretrain on: 'imdb' (the 50,000 unlabelled movie reviews, "
+                                                       "one document each, cut into sentences), 'sst2' (SST-2's training "
+                                                       "phrases, labels dropped), or a UTF-8 text file (documents: blocks "
+                                                       "of lines separated by blank lines; each line a sentence)"})
     tokenizer: Literal["wordpiece", "bpe"] = field(default="wordpiece", metadata={"help": "WordPiece (BERT's) or byte-level BPE, "
                                                                                          "trained on the training text"})
     vocab_size: int = field(default=8000, metadata={"help": "tokenizer vocabulary size"})
-    val_fraction: float = field(default=0.1, metadata={"help": "fraction of documents drawn for validation (for SST-2, "
-                                                               "~1 in 9 survives the leak check: ~770 sentences)"})
-    max_length: int = field(default=64, metadata={"help": "tokens per [CLS] A [SEP] B [SEP] example"})
+    val_fraction: float = field(default=0.02, metadata={"help": "fraction of documents drawn for validation (IMDB: ~1,000 "
+                                                                "reviews; for --data sst2 use ~0.1: ~1 in 9 survives the leak check)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per [CLS] A [SEP] B [SEP] example (and the model's positions)"})
     mlm_probability: float = field(default=0.15, metadata={"help": "fraction of tokens selected for masked-LM prediction"})
     dynamic_masking: bool = field(default=True, metadata={"help": "re-mask every time an example is drawn (RoBERTa); "
                                                                  "--no-dynamic-masking masks once (BERT)"})
@@ -379,8 +367,10 @@ class BertPretrainConfig(TrainConfig):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW decoupled weight decay (BERT's)"})
     eval_interval: int = field(default=500, metadata={"help": "estimate the validation loss every N steps (and checkpoint)"})
     QUICK = {"max_iters": 20, "eval_interval": 10, "eval_iters": 2, "n_layer": 1, "n_head": 2, "n_embd": 32,
-             "batch_size": 8, "warmup_iters": 4, "vocab_size": 600, "max_length": 32, "progress": False, "sst2_limit": 3000}
+             "batch_size": 8, "warmup_iters": 4, "vocab_size": 600, "max_length": 32, "progress": False, "sst2_limit": 3000,
+             "review_limit": 400, "val_fraction": 0.1}
     sst2_limit: int = field(default=0, metadata={"help": "use only the first N SST-2 phrases (0: all)"})
+    review_limit: int = field(default=0, metadata={"help": "use only the first N unlabelled IMDB reviews (0: all)"})
 
     def validate(self):
         super().validate()
@@ -428,42 +418,63 @@ def fill_in(model, tokenizer, sentence: str, k: int = 5, device="cpu") -> list[t
 
 
 def bert_corpus(config: BertPretrainConfig, log=print):
-    """Documents (lists of segment strings), split into train and validation, and the tokenizer
-    trained on the training documents."""
+    """Documents (lists of segment strings), split into train and validation, and the tokenizer.
+
+    ``--data imdb`` (the default): the unlabelled IMDB reviews (:func:`minillm.datasets.pretraining_reviews`:
+    none of them is an IMDB test review), each a document of its sentences (:func:`minillm.data.split_sentences`),
+    a seeded random ``val_fraction`` of the reviews held out; the WordPiece vocabulary is trained on the
+    training reviews and SST-2's training phrases, so that the words chapter 08's data use are pieces of it.
+    ``--data sst2``: SST-2's training phrases cut in two (:func:`minillm.data.sst2_documents`), held out leak-free.
+    A path: a text file's blocks between blank lines, each line a segment."""
     from minillm.tokenization import train_library_bpe, train_wordpiece
 
-    if config.data:
-        documents = data.text_documents(data.read_text_file(config.data))
-        source = config.data
-    else:
-        phrases = data.read_sst2("train")[0][: config.sst2_limit or None]
+    extra_text: list[str] = []
+    if config.data == "sst2":
+        phrases = datasets.read_sst2("train")[0][: config.sst2_limit or None]
         train_phrases, val_phrases = data.leak_free_split(phrases, config.val_fraction, seed=config.seed)
         documents = None
         train_docs = data.sst2_documents(train_phrases, seed=config.seed)
         val_docs = data.sst2_documents(val_phrases, seed=config.seed + 1)
         source = "SST-2 training phrases (labels dropped)"
+    elif config.data == "imdb":
+        reviews = datasets.pretraining_reviews(limit=config.review_limit)
+        documents = data.review_documents(reviews)
+        extra_text = datasets.read_sst2("train")[0]
+        source = f"{len(reviews):,} unlabelled IMDB reviews"
+    else:
+        documents = data.text_documents(data.read_text_file(config.data))
+        source = config.data
     if documents is not None:
         order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        n_val = max(2, int(len(documents) * config.val_fraction))
+        n_val = max(2, round(len(documents) * config.val_fraction))
         val_docs = [documents[i] for i in order[:n_val]]
         train_docs = [documents[i] for i in order[n_val:]]
     if len(train_docs) < 2 or len(val_docs) < 2:
-        raise MinillmError(f"{source} has too few documents for next-sentence pairs ({len(train_docs)} train, {len(val_docs)} val)")
-    train_text = [segment for document in train_docs for segment in document]
+        raise MinillmError(f"{source} has too few documents for next-sentence pairs ({len(train_docs)} train, {len(val_docs)} "
+                           "val): a text file's documents are blocks of lines separated by blank lines")
+    train_text = [segment for document in train_docs for segment in document] + extra_text
     trainer = train_wordpiece if config.tokenizer == "wordpiece" else train_library_bpe
     tokenizer = trainer(train_text, config.vocab_size)
     log(f"{source}: {len(train_docs):,} training / {len(val_docs):,} validation documents; {config.tokenizer} "
-        f"tokenizer of {tokenizer.get_vocab_size():,} tokens")
+        f"tokenizer of {tokenizer.get_vocab_size():,} tokens" + (" (trained with SST-2's phrases too)" if extra_text else ""))
     return tokenizer, train_docs, val_docs
 
 
 def bert_task(config: BertPretrainConfig, tokenizer, train_docs, val_docs) -> BertPretrainingTask:
+    """Next-sentence pairs of the documents, masked as ``config`` says. Except for SST-2 (whose two
+    segments are the halves of one phrase), consecutive sentences are first packed into segments of up
+    to half an example (:func:`minillm.data.pack_segments`), as BERT fills its examples."""
     from minillm.tokenization import special_token_ids
 
     special = special_token_ids(tokenizer)
+    half = (config.max_length - 3) // 2  # [CLS] A [SEP] B [SEP]: A and B share what the three specials leave
 
     def encode(documents):
-        return [[tokenizer.encode(segment).ids for segment in document] for document in documents]
+        flat = [segment for document in documents for segment in document]
+        ids = iter([encoding.ids for start in range(0, len(flat), 20_000)  # in slices: an Encoding holds much more
+                    for encoding in tokenizer.encode_batch(flat[start:start + 20_000])])  # than its ids
+        encoded = [[next(ids) for _ in document] for document in documents]
+        return encoded if config.data == "sst2" else [data.pack_segments(document, half) for document in encoded]
 
     pairs = {}
     for name, documents, seed in (("train", train_docs, config.seed), ("val", val_docs, config.seed + 1)):
@@ -476,6 +487,43 @@ def bert_task(config: BertPretrainConfig, tokenizer, train_docs, val_docs) -> Be
                                vocab_size=tokenizer.get_vocab_size(), special_ids=list(special),
                                mlm_probability=config.mlm_probability, dynamic_masking=config.dynamic_masking,
                                continuation_ids=continuation, seed=config.seed)
+
+
+def pretrain_gpt_on_reviews(tokenizer_run: str | os.PathLike, out: str | os.PathLike, max_iters: int,
+                            settings: TrainConfig, log=print) -> pathlib.Path:
+    """A GPT the size of the BERT in ``tokenizer_run``, pretrained on the same unlabelled reviews with the same
+    WordPiece tokenizer, so that chapter 08 compares the two objectives and nothing else: each review's ids
+    followed by ``[SEP]`` as its end token (:func:`lm_token_ids`), a seeded 2% of the reviews held out, blocks of
+    the BERT's length, chapter 06's recipe (GPT-2 init, warmup + cosine from 2e-3). ``settings`` gives the
+    device, precision and quick mode. A finished run of the same shape and steps in ``out`` is reused.
+    Returns ``out``, a run folder :func:`minillm.finetune.load_pretrained` reads."""
+    from minillm.tokenization import load_library_tokenizer, save_library_tokenizer, special_token_ids
+
+    tokenizer_run, out = pathlib.Path(tokenizer_run), pathlib.Path(out)
+    bert = read_json(tokenizer_run / "config.json").get("model", {})
+    tokenizer = load_library_tokenizer(tokenizer_run / "tokenizer.json")
+    model_config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=bert["max_len"], n_layer=bert["n_layer"],
+                             n_head=bert["n_head"], n_embd=bert["n_embd"], bias=True)
+    run_info = {"model": {"type": "gpt", **asdict(model_config)}, "tokenizer": "tokenizer.json", "data": "imdb"}
+    if (out / "results.json").exists() and read_json(out / "config.json").get("model") == run_info["model"] and \
+            read_json(out / "results.json").get("steps") == max_iters:
+        log(f"GPT pretraining: reusing the finished run in {out}")
+        return out
+    reviews = datasets.pretraining_reviews(limit=400 if settings.quick else 0)
+    order = random.Random(0).sample(range(len(reviews)), len(reviews))
+    n_val = max(2, len(reviews) // 50)
+    end = special_token_ids(tokenizer).sep
+    train_ids = lm_token_ids(tokenizer, [reviews[i] for i in order[n_val:]], end)
+    val_ids = lm_token_ids(tokenizer, [reviews[i] for i in order[:n_val]], end)
+    log(f"GPT pretraining on {len(reviews):,} reviews: {len(train_ids):,} training / {len(val_ids):,} validation tokens, "
+        f"{model_config.n_layer} layers x {model_config.n_embd}, {max_iters:,} steps")
+    config = TrainConfig(out=str(out), overwrite=True, max_iters=max_iters, batch_size=32, lr=2e-3, min_lr=2e-4,
+                         warmup_iters=min(100, max_iters // 10), eval_interval=max(max_iters // 5, 1), eval_iters=10,
+                         progress=settings.progress, device=settings.device, precision=settings.precision, quick=settings.quick)
+    task = LanguageModelingTask(train_ids, val_ids, model_config.block_size, eval_seed=0)
+    Trainer(GPT(model_config), task, config, run_info, log=log).fit(
+        prepare=lambda folder: save_library_tokenizer(tokenizer, folder / "tokenizer.json"))
+    return out
 
 
 def pretrain_bert(config: BertPretrainConfig, stop_after: int | None = None, log=print) -> dict:
@@ -495,7 +543,7 @@ def pretrain_bert(config: BertPretrainConfig, stop_after: int | None = None, log
     log(f"{len(task.train_examples):,} training / {len(task.val_examples):,} validation sentence pairs, "
         f"{'dynamic' if config.dynamic_masking else 'static'}{', whole-word' if config.whole_word else ''} masking")
     run_info = {"model": {"type": "bert", **asdict(model_config)}, "tokenizer": "tokenizer.json",
-                "data": config.data or "sst2"}
+                "data": config.data}
     trainer = Trainer(model, task, config, run_info, log=log)
     result = trainer.fit(stop_after=stop_after, prepare=lambda folder: save_library_tokenizer(tokenizer, folder / "tokenizer.json"))
     if np.isnan(result.val_loss):

@@ -7,7 +7,10 @@ What a model-specific part provides is a *task* (duck-typed, see :class:`Languag
 - ``eval_batches(batch_size, device, max_batches=None)``: a fixed sequence of validation batches (all
   of the split when ``max_batches`` is None),
 - ``batch_tokens(batch) -> int``: what the throughput counts, and what validation losses are
-  weighted by unless the task has ``eval_weight(batch) -> int`` (e.g. examples, for a classifier).
+  weighted by unless the task has ``eval_weight(batch) -> int`` (e.g. examples, for a classifier);
+- optionally ``evaluate_batch(model, batch) -> (loss, correct)``: a classifier's loss and its number
+  of right predictions in one forward pass, so that validation also reports accuracy and
+  ``--select-by accuracy`` can pick the best model by it.
 
 :class:`Trainer` does the rest, the same way for every task: AdamW (``minillm.optim``, or torch's
 fused kernel), linear warmup then cosine decay, gradient accumulation and clipping, bf16 autocast on
@@ -25,12 +28,10 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minillm import MinillmError, data, optim, plots
-from minillm.checkpoint import (atomic_write_text, load_training_state, read_json, save_training_state, save_weights,
+from minillm.checkpoint import (atomic_write_text, load_training_state, save_training_state, save_weights,
                                 write_json)
 from minillm.config import QuickConfig
 from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, pick_device, seed_everything
@@ -70,6 +71,9 @@ class TrainConfig(QuickConfig):
     eval_interval: int = field(default=250, metadata={"help": "estimate the validation loss every N steps (and checkpoint)"})
     eval_iters: int = field(default=20, metadata={"help": "validation batches per estimate"})
     patience: int = field(default=0, metadata={"help": "stop after N estimates without improvement (0: never)"})
+    select_by: Literal["loss", "accuracy"] = field(
+        default="loss", metadata={"help": "what picks the best model and stops early: the validation loss, or (a classifier) "
+                                          "the validation accuracy, ties broken by the loss"})
     compile: Literal["auto", "yes", "no"] = field(
         default="auto", metadata={"help": "torch.compile the model (auto: on CUDA only, where it pays)"})
     precision: Literal["auto", "bf16", "fp32"] = field(
@@ -254,6 +258,7 @@ class TrainResult:
     tokens_per_s: float
     stopped_early: bool
     out: pathlib.Path
+    val_accuracy: float | None = None  # the whole validation split, best model, for a classifier
 
     @property
     def val_perplexity(self) -> float:
@@ -303,20 +308,34 @@ class Trainer:
                                       min_lr=c.min_lr)
 
     @torch.no_grad()
-    def evaluate(self, max_batches: int | None) -> float:
-        """Mean validation loss over ``max_batches`` fixed batches of ``batch_size`` (None: the whole split,
-        in batches 4x larger: without gradients they fit, and larger matmuls run faster), token-weighted."""
+    def evaluate(self, max_batches: int | None) -> tuple[float, float | None]:
+        """``(loss, accuracy)`` on ``max_batches`` fixed validation batches of ``batch_size`` (None: the whole
+        split, in batches 4x larger: without gradients they fit, and larger matmuls run faster): the mean loss,
+        token-weighted (or as the task's ``eval_weight`` says), and the share of right predictions for a task
+        with ``evaluate_batch`` (None for others)."""
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, correct, examples = 0.0, 0, 0, 0
         batch_size = self.config.batch_size * (4 if max_batches is None else 1)
         weight = getattr(self.task, "eval_weight", self.task.batch_tokens)  # what one unit of loss is counted per
+        scorer = getattr(self.task, "evaluate_batch", None)
         for batch in self.task.eval_batches(batch_size, self.device, max_batches):
             with autocast(self.device, precision=self.config.precision):
-                loss = self.task.loss(self.model, batch)
+                if scorer is None:
+                    loss = self.task.loss(self.model, batch)
+                else:
+                    loss, right = scorer(self.model, batch)
+                    correct, examples = correct + int(right), examples + self.task.eval_weight(batch)
             n = weight(batch)
             total, count = total + loss.item() * n, count + n
         self.model.train()
-        return total / count
+        return total / count, (correct / examples if scorer is not None else None)
+
+    def _improves(self, loss: float, accuracy: float | None, state: dict) -> bool:
+        """Is this estimate the best so far: a lower loss, or with ``select_by="accuracy"`` a higher
+        accuracy (an equal one with a lower loss)?"""
+        if self.config.select_by == "loss":
+            return loss < state["best_val_loss"]
+        return (accuracy, -loss) > (state["best_val_accuracy"], -state["best_val_loss"])
 
     def _save(self, step: int, state: dict) -> None:
         if self.dist.is_main:
@@ -345,6 +364,8 @@ class Trainer:
         once the run folder is checked and empty, before training (not on resume): write what the
         run needs beside its checkpoints there, e.g. the tokenizer."""
         c, out = self.config, self.out
+        if c.select_by == "accuracy" and not hasattr(self.task, "evaluate_batch"):
+            raise MinillmError("--select-by accuracy needs a classification task (one that counts right predictions)")
         if self.dist.is_main:
             check_run_folder(out, c.resume, c.overwrite)
             if c.overwrite:
@@ -358,8 +379,8 @@ class Trainer:
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, c, self.device)
         self.generator = torch.Generator().manual_seed(c.seed)  # the data order: the same in every process
-        state = {"history": [], "best_val_loss": math.inf, "best_step": -1, "evals_since_best": 0,
-                 "interval_loss_sum": 0.0, "interval_steps": 0}
+        state = {"history": [], "best_val_loss": math.inf, "best_val_accuracy": -math.inf, "best_step": -1,
+                 "evals_since_best": 0, "interval_loss_sum": 0.0, "interval_steps": 0}
         step = 0
         if c.resume:
             header = load_training_state(out / CHECKPOINT, self.model, self.optimizer, {"data": self.generator})
@@ -368,7 +389,7 @@ class Trainer:
                 raise MinillmError(f"the run in {out} was made with model {saved_model}, not {self.run_info.get('model')}: "
                                    "resume with the same model options, or start a new --out")
             step = header["step"]
-            state = {key: header[key] for key in state}
+            state = {key: header.get(key, default) for key, default in state.items()}
             self._truncate_log(step)
             self.print(f"resuming {out} at step {step:,}")
         if self.dist.is_main:
@@ -448,18 +469,21 @@ class Trainer:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                     bar.update(step - bar.n)
                 if at_eval:
-                    val_loss = self.evaluate(c.eval_iters)
+                    val_loss, val_accuracy = self.evaluate(c.eval_iters)
                     train_loss = state["interval_loss_sum"] / state["interval_steps"]
                     elapsed = time.perf_counter() - interval_start
-                    self._log_eval({"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                                    "tokens_per_s": interval_tokens / elapsed if elapsed > 0 else 0.0})
+                    entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                             "tokens_per_s": interval_tokens / elapsed if elapsed > 0 else 0.0}
+                    self._log_eval(entry if val_accuracy is None else {**entry, "val_accuracy": val_accuracy})
                     message = f"step {step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+                    message += "" if val_accuracy is None else f", val accuracy {val_accuracy:.1%}"
                     bar.write(message) if not bar.disable else self.print(message)
                     state["interval_loss_sum"], state["interval_steps"] = 0.0, 0
                     interval_sum.zero_()
                     logged_sum, logged_steps = 0.0, 0
-                    if val_loss < state["best_val_loss"]:
+                    if self._improves(val_loss, val_accuracy, state):
                         state["best_val_loss"], state["best_step"], state["evals_since_best"] = val_loss, step, 0
+                        state["best_val_accuracy"] = -math.inf if val_accuracy is None else val_accuracy
                         if self.dist.is_main:
                             save_weights(out / BEST_MODEL, self.model, {"run_info": self.run_info, "step": step,
                                                                         "val_loss": val_loss})
@@ -496,17 +520,19 @@ class Trainer:
         if (out / BEST_MODEL).exists():
             tensors, _ = read_safetensors(out / BEST_MODEL)
             load_model_state(self.model, tensors, str(out / BEST_MODEL))
-        val_loss = self.evaluate(None)
+        val_loss, val_accuracy = self.evaluate(None)
         result = TrainResult(step, state["best_step"], state["best_val_loss"], val_loss, seconds,
-                             run_tokens / seconds if seconds else 0.0, stopped_early, out)
+                             run_tokens / seconds if seconds else 0.0, stopped_early, out, val_accuracy)
         loss_unit = getattr(self.task, "loss_unit", "nats")  # only a per-token loss has a perplexity
         perplexity = f", perplexity {result.val_perplexity:.2f}" if loss_unit == "nats/token" else ""
-        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}")
+        accuracy = "" if val_accuracy is None else f", accuracy {val_accuracy:.1%}"
+        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}{accuracy}")
         if self.dist.is_main:
             write_json(out / "results.json", {"steps": step, "best_step": result.best_step,
                                               "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,
                                               "val_perplexity": result.val_perplexity, "train_seconds": seconds,
-                                              "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early})
+                                              "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early,
+                                              **({} if val_accuracy is None else {"val_accuracy": val_accuracy})})
             plot_run(out, ylabel=f"loss ({loss_unit})")
         return result
 

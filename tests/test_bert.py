@@ -55,6 +55,20 @@ def test_the_loss_is_masked_lm_cross_entropy_plus_next_sentence_cross_entropy():
     torch.testing.assert_close(masked_only.loss, out.loss, **F64)
 
 
+def test_a_batch_with_nothing_masked_has_a_finite_loss_equal_to_the_next_sentence_loss():
+    """15% masking can select no token in a short batch; the masked-LM term is then 0, not 0/0 = NaN."""
+    model = tiny_bert()
+    ids, types, mask, _, nsp = batch()
+    nothing = torch.full_like(ids, -100)
+    for positions in ("all", "masked"):
+        out = model(ids, types, mask, nothing, nsp, mlm_positions=positions)
+        assert out.mlm_loss.item() == 0.0
+        torch.testing.assert_close(out.loss, out.nsp_loss, **F64)
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()
+
+
 def test_every_token_sees_the_tokens_after_it():
     model = tiny_bert()
     ids, types, mask, _, _ = batch()

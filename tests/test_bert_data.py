@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minillm import data
+from minillm import data, datasets
 
 K_SD = 5  # binomial bounds: |rate - q| <= K_SD standard deviations (two-sided tail 5.7e-7)
 
@@ -393,9 +393,72 @@ def test_text_documents_are_blocks_between_blank_lines(blocks, gap):
 
 
 def test_tiny_shakespeare_documents_are_speeches():
-    documents = data.text_documents(data.read_text_file(data.data_path("tinyshakespeare.txt")))
+    documents = data.text_documents(data.read_text_file(datasets.data_path("tinyshakespeare.txt")))
     assert documents[:2] == [["First Citizen:", "Before we proceed any further, hear me speak."], ["All:", "Speak, speak."]]
     assert all(document and all(segment == segment.strip() and segment for segment in document) for document in documents)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reviews: sentences, documents, and segments packed to length
+# ---------------------------------------------------------------------------------------------
+
+sentence_pieces = st.lists(st.sampled_from(["The", "film", "was", "good.", "Mr.", "Smith", "J.", "R.", "vs.", "!", "?!",
+                                            "(No.)", '"Yes."', "10", "stars.", "...", "a", "e.g.", "A.", "it's", "  ", "\t"]),
+                           max_size=25)
+
+
+@given(pieces=sentence_pieces, spaces=st.sampled_from([" ", "  ", "\n", " \t "]))
+def test_split_sentences_cuts_only_at_whitespace_and_loses_nothing(pieces, spaces):
+    text = spaces.join(pieces)
+    sentences = data.split_sentences(text)
+    assert " ".join(sentences) == " ".join(text.split())  # joined again: the text, whitespace runs collapsed
+    assert all(sentence and sentence == " ".join(sentence.split()) for sentence in sentences)
+    for left, right in zip(sentences, sentences[1:]):
+        assert left[-1] in ".!?\"')]"  # every cut follows a sentence end ...
+        assert right.lstrip("\"'([")[:1].isupper() or right.lstrip("\"'([")[:1].isdigit()  # ... before a capital or digit
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("I loved it. The cast was great! Was it long? No.", ["I loved it.", "The cast was great!", "Was it long?", "No."]),
+    ('He said "Go." Then he left.', ['He said "Go."', "Then he left."]),
+    ("Mr. Smith met Dr. Jones vs. J. R. R. Tolkien. Fine.", ["Mr. Smith met Dr. Jones vs. J. R. R. Tolkien.", "Fine."]),
+    ("Rated 8/10. 10 stars. and then lowercase. Wait...  What?", ["Rated 8/10.", "10 stars. and then lowercase.", "Wait...",
+                                                                  "What?"]),
+    ("  ", []),
+])
+def test_split_sentences_examples(text, expected):
+    assert data.split_sentences(text) == expected
+
+
+def test_review_documents_are_the_reviews_sentences_and_drop_empty_reviews():
+    assert data.review_documents(["Good. Very good.", "   ", "Bad!"]) == [["Good.", "Very good."], ["Bad!"]]
+
+
+@given(segments=st.lists(st.lists(st.integers(5, 30), max_size=9), max_size=12), max_tokens=st.integers(1, 12))
+def test_pack_segments_fills_chunks_greedily_without_losing_or_reordering_tokens(segments, max_tokens):
+    chunks = data.pack_segments(segments, max_tokens)
+    assert [t for chunk in chunks for t in chunk] == [t for segment in segments for t in segment]
+    length_at: dict[int, int] = {}  # where each non-empty segment starts -> its length
+    position = 0
+    for segment in segments:
+        if segment:
+            length_at[position] = len(segment)
+        position += len(segment)
+    position = 0
+    for left, right in zip(chunks, chunks[1:] + [None]):
+        assert position in length_at  # a chunk starts where a segment starts ...
+        assert len(left) <= max_tokens or len(left) == length_at[position]  # ... and is short, or one long segment
+        position += len(left)
+        if right is not None:
+            assert len(left) + length_at[position] > max_tokens  # greedy: the next segment did not fit
+    with pytest.raises(ValueError, match="max_tokens"):
+        data.pack_segments([[1]], 0)
+
+
+def test_pack_segments_examples():
+    assert data.pack_segments([[1, 2], [3], [4, 5, 6], [7]], 3) == [[1, 2, 3], [4, 5, 6], [7]]
+    assert data.pack_segments([[1, 2, 3, 4, 5], [6], [7, 8]], 3) == [[1, 2, 3, 4, 5], [6, 7, 8]]  # too long: alone
+    assert data.pack_segments([], 4) == [] and data.pack_segments([[], [1]], 4) == [[1]]
 
 
 # ---------------------------------------------------------------------------------------------

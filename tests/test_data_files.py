@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO_ROOT
 
 DATA = REPO_ROOT / "data"
-EXPECTED_FILES = {"tinyshakespeare.txt", "sst2/train.tsv", "sst2/dev.tsv"}
+EXPECTED_FILES = {"tinyshakespeare.txt", "sst2/train.tsv", "sst2/dev.tsv", "imdb/unsup.txt.gz", "imdb/train.tsv.gz",
+                  "imdb/test.tsv.gz"}
 
 
 def readme_checksums() -> dict[str, str]:

@@ -494,11 +494,49 @@ def test_evaluation_batches_cover_every_example_once_and_predict_keeps_pairs_tog
     assert sorted(true) == sorted(label for _, label in val) and len(predicted) == 23
 
 
-def test_finetune_config_derives_the_step_budget_from_epochs():
+def test_finetune_config_derives_the_step_budget_evaluations_and_warmup():
     from minillm.finetune import FinetuneConfig
 
-    loop = FinetuneConfig(epochs=3, batch_size=10, warmup_fraction=0.1).loop_config(steps_per_epoch=7, val_examples=25)
-    assert (loop.max_iters, loop.eval_interval, loop.eval_iters, loop.warmup_iters) == (21, 7, 3, 2)
+    loop = FinetuneConfig(epochs=3, min_steps=0, evaluations=7, batch_size=10,
+                          warmup_fraction=0.1).loop_config(steps_per_epoch=7, val_examples=25)
+    assert (loop.max_iters, loop.eval_interval, loop.eval_iters, loop.warmup_iters) == (21, 3, 3, 2)
+    few = FinetuneConfig(epochs=3, min_steps=600, evaluations=10).loop_config(steps_per_epoch=8, val_examples=25)
+    assert (few.max_iters, few.eval_interval, few.warmup_iters) == (600, 60, 60)  # 250 labels: 75 epochs, not 3
+    many = FinetuneConfig(epochs=3, min_steps=600, evaluations=10).loop_config(steps_per_epoch=1835, val_examples=25)
+    assert (many.max_iters, many.eval_interval) == (5505, 551)
+
+
+def test_the_collapse_guard_flags_a_one_class_classifier_of_mixed_labels_only():
+    from minillm.finetune import predicts_one_class
+
+    true = [0, 1] * 50
+    assert predicts_one_class([1] * 100, true)
+    assert predicts_one_class([1] * 96 + [0] * 4, true)
+    assert not predicts_one_class([1] * 90 + [0] * 10, true)
+    assert not predicts_one_class([1] * 100, [1] * 97 + [0] * 3)  # the labels themselves are (nearly) one class
+    assert not predicts_one_class([], [])
+
+
+def test_selecting_by_accuracy_keeps_the_most_accurate_evaluation_and_breaks_ties_by_loss(tmp_path):
+    """Three evaluations scripted: (loss, accuracy) = (0.5, 0.6), (0.7, 0.8), (0.6, 0.8). By loss the first
+    wins; by accuracy the third (0.8, then the lower loss)."""
+    from minillm.finetune import ClassificationTask, FinetuneConfig
+    from minillm.train import Trainer
+
+    scripted = iter([(0.5, 0.6), (0.7, 0.8), (0.6, 0.8)] * 2)
+
+    class Scripted(ClassificationTask):
+        def evaluate_batch(self, model, batch):
+            loss, accuracy = next(scripted)
+            return torch.tensor(loss), torch.tensor(accuracy * len(batch.labels))
+
+    for select_by, best in (("loss", 10), ("accuracy", 30)):
+        task = Scripted(labelled(20), labelled(10, seed=1), pad_id=PAD)
+        config = FinetuneConfig(out=str(tmp_path / select_by), select_by=select_by, max_iters=30, eval_interval=10,
+                                eval_iters=1, batch_size=10, progress=False, device="cpu", warmup_iters=0)
+        trainer = Trainer(tiny_bert(), task, config)
+        trainer._finish = lambda step, state, *rest: state  # noqa: E731 -- stop before the final whole-split pass
+        assert trainer.fit()["best_step"] == best, select_by
 
 
 def test_the_finetune_command_takes_each_methods_recipe_unless_told_otherwise():
@@ -511,17 +549,32 @@ def test_the_finetune_command_takes_each_methods_recipe_unless_told_otherwise():
         FinetuneCommandConfig(method="sideways")
 
 
-def test_labelled_keeps_a_seeded_sample_of_the_training_side_and_the_whole_held_out_side():
-    from minillm.finetune import sst2_splits, with_labelled
+@given(length=st.integers(0, 40), max_tokens=st.integers(1, 20))
+def test_head_and_tail_keeps_a_text_that_fits_and_else_its_first_and_last_tokens(length, max_tokens):
+    from minillm.finetune import head_and_tail
 
-    whole = sst2_splits(0.1, seed=3, limit=3000)
-    few = with_labelled(whole, 200, seed=3)
-    assert len(few.train) == 200 and set(few.train) <= set(whole.train)
-    assert few.val == whole.val and few.dev == whole.dev
-    assert with_labelled(whole, 200, seed=3).train == few.train  # the seed fixes the sample
-    assert with_labelled(whole, 200, seed=4).train != few.train
-    assert with_labelled(whole, 10**6, seed=3).train == whole.train  # more than there are: all
-    assert with_labelled(whole, 0, seed=3).train == whole.train  # 0: all
+    ids = list(range(100, 100 + length))
+    kept = head_and_tail(ids, max_tokens)
+    if length <= max_tokens:
+        assert kept == ids
+    else:
+        head = (max_tokens + 1) // 2
+        assert len(kept) == max_tokens and kept == ids[:head] + ids[length - (max_tokens - head):]
+
+
+def test_encode_for_bert_and_gpt_frame_the_text_and_cut_long_ones_to_head_and_tail():
+    from minillm.finetune import encode_for_bert, encode_for_gpt
+    from minillm.tokenization import special_token_ids, train_wordpiece
+
+    tokenizer = train_wordpiece(["one two three four five six seven eight nine ten"] * 3, 60)
+    special = special_token_ids(tokenizer)
+    text = "one two three four five six seven eight nine ten"
+    words = tokenizer.encode(text).ids
+    [(bert_ids, label)] = encode_for_bert(tokenizer, [(text, 1)], max_length=6)
+    assert label == 1 and bert_ids == [special.cls, *words[:2], *words[-2:], special.sep]
+    [(gpt_ids, _)] = encode_for_gpt(tokenizer, [(text, 0)], max_length=6, end_id=special.sep)
+    assert gpt_ids == [*words[:3], *words[-2:], special.sep]
+    assert encode_for_bert(tokenizer, [("one two", 0)], max_length=64)[0][0] == [special.cls, *words[:2], special.sep]
 
 
 def test_an_empty_example_is_refused():

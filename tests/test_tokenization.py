@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from minillm import MinillmError, data
+from minillm import MinillmError, data, datasets
 from minillm.tokenization import (
     SPECIAL_TOKENS, BPETokenizer, CharTokenizer, UnknownCharacterError, bpe_vocab_overlap, bytes_to_unicode,
     compression, load_library_tokenizer, pretokenize, save_library_tokenizer, special_token_ids, train_library_bpe,
@@ -23,7 +23,7 @@ from minillm.tokenization import (
 )
 
 EOT = "<|endoftext|>"
-SHAKESPEARE = data.read_text_file(data.data_path("tinyshakespeare.txt"))
+SHAKESPEARE = data.read_text_file(datasets.data_path("tinyshakespeare.txt"))
 MULTILINGUAL = "Ça va? Naïve café — straße, ĳ, ﬁne. 日本語のテキスト。 Привет, мир! 😀👍🏽👨‍👩‍👧 x² ½ ⅻ e\u0301\u0302 \t\n"
 
 
@@ -311,7 +311,7 @@ def test_bpe_rejects_bad_arguments(bpe):
 
 @pytest.fixture(scope="module")
 def sst2_sentences():
-    return data.read_sst2("train")[0][:3000]
+    return datasets.read_sst2("train")[0][:3000]
 
 
 def test_wordpiece_has_bert_special_tokens_lowercases_and_marks_continuations(sst2_sentences, tmp_path):
