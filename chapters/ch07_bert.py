@@ -27,9 +27,10 @@ from minillm.pretrain import BertPretrainConfig, bert_corpus, bert_task, evaluat
 from minillm.tokenization import save_library_tokenizer, special_token_ids
 from minillm.train import Trainer
 
-# On a GPU: BERT-small's shape (Turc et al., 2019: 4 layers, 512 wide, 8 heads) with BERT's dropout.
-GPU_PRESET = dict(n_layer=4, n_head=8, n_embd=512, dropout=0.1, batch_size=128, max_iters=6000, lr=5e-4,
-                  min_lr=5e-5, warmup_iters=500)
+# On a GPU: BERT-small's shape (Turc et al., 2019: 4 layers, 512 wide, 8 heads) with BERT's dropout, 10,000 steps of
+# 256 pairs (~250M tokens, ten passes over the reviews).
+GPU_PRESET = dict(n_layer=4, n_head=8, n_embd=512, dropout=0.1, batch_size=256, max_iters=10000, lr=5e-4,
+                  min_lr=5e-5, warmup_iters=1000)
 PROBES = ["this movie was [MASK] good .", "the acting is [MASK] and the plot is dull .",
           "a [MASK] , funny and moving film .", "i [MASK] this movie .", "the worst film i have ever [MASK] .",
           "10 out of 10 , a [MASK] !"]
@@ -40,8 +41,8 @@ class Config(BertPretrainConfig):
     """Chapter 07: pretrain a BERT on IMDB's unlabelled reviews (masked LM + next sentence), evaluate, fill in blanks."""
 
     out: str = field(default="runs/ch07", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
-    gpu_preset: bool = field(default=True, metadata={"help": "on CUDA, train a BERT-small shape (4x512) for 6,000 steps "
-                                                            "unless sizes are given on the command line"})
+    gpu_preset: bool = field(default=True, metadata={"help": "on CUDA, train a BERT-small shape (4x512) for 10,000 steps "
+                                                            "of 256 pairs"})
 
 
 def main(config: Config) -> dict:
@@ -64,7 +65,7 @@ def main(config: Config) -> dict:
     special = special_token_ids(tokenizer)
     ids, types, label = task.train_examples[0]
     print(f"A pair ({'IsNext' if label == 0 else 'NotNext'}): {' '.join(tokenizer.id_to_token(i) for i in ids)}\n"
-          f"  token types: {types}")
+          f"  token types: {list(types)}")
     example = task.sample_batch(1, torch.Generator().manual_seed(0), "cpu")
     shown = [tokenizer.id_to_token(i) if l == -100 else f"{tokenizer.id_to_token(i)}<{tokenizer.id_to_token(l)}>"
              for i, l in zip(example.input_ids[0].tolist(), example.mlm_labels[0].tolist())]

@@ -93,7 +93,7 @@ def main(config: Config) -> dict:
     # 3. Fine-tune every model and its random-init twin, at every budget, once per seed, with one recipe.
     scores: dict[str, dict[str, dict[int, list[dict]]]] = {}  # task -> model name -> budget -> one result per seed
     for family, run in runs.items():
-        candidates = classifier_candidates(family, run)  # {"<family>, pretrained": build, "<family>, random init": build}
+        candidates = classifier_candidates(family, run, config.pooling)  # {"<family>, pretrained": build, "<family>, random init": build}
         for task, (splits, budgets) in tasks.items():
             encoded, pad_id = encoded_splits(run, splits, config.max_length)  # token ids, this family's tokenizer
             for budget in budgets:
@@ -110,39 +110,33 @@ def main(config: Config) -> dict:
     summary = {}
     for task, rows in scores.items():
         splits = tasks[task][0]
-        majority = metrics.accuracy([y for _, y in splits.test], [max((0, 1), key=[y for _, y in splits.train].count)]
-                                    * len(splits.test))
+        majority_label = max((0, 1), key=[y for _, y in splits.train].count)
+        majority = metrics.accuracy([y for _, y in splits.test], [majority_label] * len(splits.test))
         sizes = sorted({n for row in rows.values() for n in row})
-        print(f"\n{splits.name}, accuracy (mean ± sd over seeds {config.seeds}; majority class {majority:.1%}):")
-        print(f"{'model':44}" + "".join(f"{n:>16,}" for n in sizes))
+        print(f"\n{splits.name}, accuracy % (mean ± sd over seeds {config.seeds}; majority class {majority:.1%}):")
+        print(f"{'labelled examples':44}" + "".join(f"{n:>14,}" for n in sizes))
         for name, row in rows.items():
-            print(f"{name:44}" + "".join(f"{mean_sd(row[n]):>16}" for n in sizes))
-            for n in sizes:
-                summary[f"{splits.name}, {n:,} labels, {name}"] = mean_sd(row[n])
+            print(f"{name:44}" + "".join(f"{mean_sd(row[n]):>14}" for n in sizes))
         for family in runs:
             pretrained, random = rows[f"{family}, pretrained"], rows[f"{family}, random init"]
-            gains = [100 * (mean(pretrained[n]) - mean(random[n])) for n in sizes]
-            print(f"{family + ': gain (points)':44}" + "".join(f"{g:>+16.1f}" for g in gains))
+            print(f"{family + ': gain (points)':44}" + "".join(f"{gain(pretrained[n], random[n]):>+14.1f}" for n in sizes))
+            for n in sizes:
+                summary[f"{splits.name}, {n:,} labels: {family}, pretrained / random init (gain)"] = \
+                    f"{mean_sd(pretrained[n])} / {mean_sd(random[n])} ({gain(pretrained[n], random[n]):+.1f})"
         curves = {name: {n: [r["accuracy"] for r in row[n]] for n in sizes} for name, row in rows.items()}
         plots.plot_learning_curves(curves, out / f"learning_curve_{task}.png", title=f"{splits.name}: pretrained vs random init",
                                    reference=("majority class", majority))
-    for family in runs:  # the headline: pretraining's gain for chapter 07's BERT on SST-2, at the smallest and largest budget
-        if "sst2" in scores:
-            rows = scores["sst2"]
-            for n in (min(rows[f"{family}, pretrained"]), max(rows[f"{family}, pretrained"])):
-                gain = 100 * (mean(rows[f"{family}, pretrained"][n]) - mean(rows[f"{family}, random init"][n]))
-                summary[f"pretraining's gain, {family}, SST-2 dev, {n:,} labels (points)"] = f"{gain:+.1f}"
-    collapsed = [r["out"] for rows in scores.values() for row in rows.values() for runs_ in row.values() for r in runs_
-                 if r["collapsed"]]
-    summary["fine-tuning runs that predict one class"] = f"{len(collapsed)} of {sum(1 for rows in scores.values() for row in rows.values() for runs_ in row.values() for _ in runs_)}"
+    every_run = [r for rows in scores.values() for row in rows.values() for results in row.values() for r in results]
+    summary["fine-tuning runs that predict one class"] = f"{sum(r['collapsed'] for r in every_run)} of {len(every_run)}"
     results = {"scores": scores, "summary": summary, "config": asdict(config)}
     write_json(out / "results.json", results)
     print(f"\nSaved {', '.join(str(p) for p in sorted(out.glob('learning_curve_*.png')))} and {out / 'results.json'}")
     return results
 
 
-def mean(results: list[dict]) -> float:
-    return statistics.mean(r["accuracy"] for r in results)
+def gain(pretrained: list[dict], random: list[dict]) -> float:
+    """Pretraining's gain in accuracy points: the difference of the two means over seeds."""
+    return 100 * (statistics.mean(r["accuracy"] for r in pretrained) - statistics.mean(r["accuracy"] for r in random))
 
 
 def mean_sd(results: list[dict]) -> str:

@@ -22,14 +22,13 @@ import torch
 
 from minillm import MinillmError, datasets, plots
 from minillm.bert import BertForPreTraining, BertForSequenceClassification
-from minillm.checkpoint import read_json, write_json
+from minillm.checkpoint import write_json
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
 from minillm.finetune import (METHOD_RECIPES, ClassificationTask, FinetuneCommandConfig, FinetuneConfig,
                               count_parameters, encode_for_bert, finetune, make_efficient, saved_activation_bytes,
                               training_memory_bytes)
 from minillm.hpsearch import best_trial, grid, random_search, results_table, run_trials
-from minillm.pretrain import BertPretrainConfig, pretrain_bert
 from minillm.tokenization import load_library_tokenizer, special_token_ids
 
 GRID = {"lr": [1e-3, 3e-3, 1e-2], "weight_decay": [0.0, 0.1]}  # the searches over LoRA: 6 combinations
@@ -44,8 +43,8 @@ class Config(FinetuneConfig):
     """Chapter 09: six ways to fine-tune BERT on SST-2, then grid and random search over LoRA's hyperparameters."""
 
     out: str = field(default="runs/ch09", metadata={"help": "run folder (finished runs in it are reused)"})
-    bert: str = field(default="", metadata={"help": "a 'pretrain bert' / chapter 07 run folder (default: pretrain one, "
-                                                    "chapter 07's default run, into <out>/bert_pretraining, or reuse it)"})
+    bert: str = field(default="", metadata={"help": "a 'pretrain bert' / chapter 07 run folder (default: the BERT minillm "
+                                                    "ships, pretrained for hours on IMDB's reviews, data/pretrained)"})
     top_layers: int = field(default=1, metadata={"help": "blocks that train with method top"})
     adapter_size: int = field(default=64, metadata={"help": "adapter bottleneck width"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r (the method table's)"})
@@ -66,13 +65,7 @@ class Config(FinetuneConfig):
 def main(config: Config) -> dict:
     start, out, device = time.perf_counter(), pathlib.Path(config.out), pick_device(config.device)
     print(f"Running on {describe_device(device, config.precision)}")
-    bert_run = pathlib.Path(config.bert) if config.bert else out / "bert_pretraining"
-    if not config.bert and not ((bert_run / "results.json").is_file()  # a finished one of the same kind is reused
-                                and read_json(bert_run / "config.json")["train_config"]["quick"] == config.quick):
-        print(f"No --bert run given: pretraining one first (chapter 07's {'quick' if config.quick else 'default'} run)")
-        pretrain_bert(BertPretrainConfig(out=str(bert_run), overwrite=True, quick=config.quick, device=config.device,
-                                         precision=config.precision,
-                                         **(BertPretrainConfig.QUICK if config.quick else {})))
+    bert_run = pathlib.Path(config.bert) if config.bert else datasets.shipped_bert_path()
     bert, tokenizer = BertForPreTraining.from_run(bert_run), load_library_tokenizer(bert_run / "tokenizer.json")
     if config.max_length + config.prompt_tokens > bert.config.max_len:
         raise MinillmError(f"--max-length + --prompt-tokens exceed the BERT's {bert.config.max_len} positions")
@@ -88,7 +81,7 @@ def main(config: Config) -> dict:
         settings = FinetuneCommandConfig(**{**shared, **params, "min_lr": params["lr"] / 10, "overwrite": True,
                                             "out": str(folder / "run"), **changes})
         seed_everything(config.seed)  # the same classifier initialization and batches for every run
-        model = make_efficient(BertForSequenceClassification.from_pretraining(bert), settings,
+        model = make_efficient(BertForSequenceClassification.from_pretraining(bert, pooling=settings.pooling), settings,
                                torch.Generator().manual_seed(config.seed))
         trainable, total = count_parameters(model)
         longest = task.batch(sorted(task.train, key=lambda example: len(example[0]))[-settings.batch_size:])

@@ -1,10 +1,10 @@
 """``python -m minillm <command>``: the command-line entry point.
 
 - ``pipeline``: the main job, every chapter's stage in order, resumable, with a summary.
-- ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on SST-2 text (``minillm.pretrain``).
-- ``finetune``: fine-tune a pretrained BERT run on SST-2 (or IMDB), fully or parameter-efficiently (``minillm.finetune``).
+- ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on IMDB's unlabelled reviews (``minillm.pretrain``).
+- ``finetune``: fine-tune a pretrained BERT run on SST-2 or IMDB, fully or parameter-efficiently (``minillm.finetune``).
 - ``generate``: sample from a pretrained run.
-- ``bench``: training throughput (and MFU on CUDA) of a GPT shape (``minillm.bench``).
+- ``bench``: training throughput (and MFU on CUDA) of a GPT shape, or of BERT pretraining against Hugging Face's (``minillm.bench``).
 
 Every option comes from a configuration dataclass, so ``--help`` lists them all with their
 defaults. A user's mistake (a missing file, an impossible option) prints one ``error:`` line and
@@ -31,11 +31,13 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     return {
         "pipeline": (PipelineConfig, run_pipeline, "run the main job: every chapter's stage in order, resumable, with a summary"),
         "pretrain gpt": (GPTPretrainConfig, pretrain_gpt, "pretrain a GPT language model on a text file"),
-        "pretrain bert": (BertPretrainConfig, pretrain_bert, "pretrain a BERT (masked LM + next sentence) on SST-2 or a text file"),
+        "pretrain bert": (BertPretrainConfig, pretrain_bert, "pretrain a BERT (masked LM + next sentence) on IMDB's unlabelled "
+                                                             "reviews, SST-2 or a text file"),
         "finetune": (FinetuneCommandConfig, run_finetune, "fine-tune a pretrained BERT run as a sentiment classifier "
                                                            "(full, head-only, top layers, adapters, LoRA, prompt tuning)"),
         "generate": (GenerateConfig, generate, "sample text from a pretrained GPT run"),
-        "bench": (BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape"),
+        "bench": (BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape, or of BERT "
+                                          "pretraining against Hugging Face's"),
     }
 
 

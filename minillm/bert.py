@@ -262,13 +262,21 @@ class ClassificationOutput:
 
 
 class BertForSequenceClassification(nn.Module):
-    """:class:`Bert`, dropout, and a linear classifier on the pooled [CLS] vector (Devlin et al., section 4.1)."""
+    """:class:`Bert`, dropout, and a linear classifier on a summary of the sentence (Devlin et al., section 4.1).
 
-    def __init__(self, config: BertConfig, num_labels: int = 2):
+    ``pooling="cls"`` is BERT's: the pooled [CLS] vector, tanh(W h_[CLS] + b), whose dense layer next-sentence
+    prediction trained. ``pooling="mean"`` is the mean of the last layer's hidden states over the real tokens,
+    :math:`\\frac{1}{|T|}\\sum_{t \\in T} h_t` (Reimers & Gurevych, 2019), with no pooler: every token's state
+    reaches the classifier directly, which a small encoder fine-tuned on few labels learns from more easily.
+    """
+
+    def __init__(self, config: BertConfig, num_labels: int = 2, pooling: Literal["cls", "mean"] = "cls"):
         super().__init__()
         if num_labels < 2:
             raise ValueError(f"num_labels must be at least 2, got {num_labels}")
-        self.config, self.num_labels = config, num_labels
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.config, self.num_labels, self.pooling = config, num_labels, pooling
         self.bert = Bert(config)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.n_embd, num_labels)
@@ -279,15 +287,23 @@ class BertForSequenceClassification(nn.Module):
                 prompt_embeddings: torch.Tensor | None = None) -> ClassificationOutput:
         """Logits (B, num_labels) and, with ``labels`` (B,), the cross-entropy. ``prompt_embeddings``
         is the soft prompt of prompt tuning (:func:`minillm.finetune.apply_prompt_tuning`)."""
-        _, pooled = self.bert(input_ids, token_type_ids, attention_mask, prompt_embeddings=prompt_embeddings)
+        hidden, pooled = self.bert(input_ids, token_type_ids, attention_mask, prompt_embeddings=prompt_embeddings)
+        if self.pooling == "mean":
+            real = (input_ids != self.config.pad_id) if attention_mask is None else attention_mask != 0  # (B, T)
+            if prompt_embeddings is not None:  # the prompt vectors sit after [CLS] and are all real
+                prompt = real.new_ones(real.shape[0], prompt_embeddings.shape[-2])
+                real = torch.cat([real[:, :1], prompt, real[:, 1:]], dim=1)  # (B, P + T)
+            weights = real.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, H)
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = F.cross_entropy(at_least_fp32(logits), labels) if labels is not None else None
         return ClassificationOutput(logits, loss)
 
     @classmethod
-    def from_pretraining(cls, pretrained: BertForPreTraining, num_labels: int = 2) -> "BertForSequenceClassification":
+    def from_pretraining(cls, pretrained: BertForPreTraining, num_labels: int = 2,
+                         pooling: Literal["cls", "mean"] = "cls") -> "BertForSequenceClassification":
         """The encoder (and pooler) of a pretrained model under a new, freshly initialized classifier."""
-        model = cls(pretrained.config, num_labels)
+        model = cls(pretrained.config, num_labels, pooling)
         model.bert.load_state_dict(pretrained.bert.state_dict())
         return model
 

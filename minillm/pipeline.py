@@ -6,8 +6,9 @@ an interrupted pipeline resumes where it stopped. At the end a Markdown table of
 headline numbers is printed and saved as ``<out>/summary.md``, next to the stages' PNG plots.
 
 By default (``--stages main``) the main job runs what the issue that defined it lists: tokenizer
-training (03), GPT pretraining on Tiny Shakespeare with samples (06), BERT pretraining on SST-2
-text (07), and fine-tuning and evaluation on SST-2 (08); ``--stages all`` runs every chapter.
+training (03), GPT pretraining on Tiny Shakespeare with samples (06), BERT pretraining on IMDB's
+unlabelled reviews (07), and fine-tuning with few labels and all of them, pretrained against random
+init, on SST-2 and IMDB (08); ``--stages all`` runs every chapter.
 """
 
 from __future__ import annotations
@@ -32,22 +33,23 @@ STAGES: list[tuple[str, str, str, list[str]]] = [
     ("ch04_attention", "chapters/ch04_attention.py", "attention by hand; an attention-only model learns to reverse", []),
     ("ch05_transformer", "chapters/ch05_transformer.py", "an encoder-decoder Transformer learns number words -> digits", []),
     ("ch06_gpt", "chapters/ch06_gpt.py", "GPT pretrained on Tiny Shakespeare; samples; the KV cache", []),
-    ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on SST-2 text: masked LM + next sentence; fill-in", []),
-    ("ch08_finetune", "chapters/ch08_finetune.py", "BERT (pretrained vs random init) and GPT fine-tuned on SST-2",
-     ["--bert", "{out}/ch07_bert"]),
-    ("ch09_efficient", "chapters/ch09_efficient.py", "head-only, top layers, adapters, LoRA, prompt tuning; grid and random search",
-     ["--bert", "{out}/ch07_bert"]),
-    ("ch10_contrastive", "chapters/ch10_contrastive.py", "SimCSE sentence embeddings, probed before and after",
-     ["--init", "{out}/ch07_bert"]),
+    ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on IMDB's unlabelled reviews: masked LM + next sentence; fill-in",
+     []),
+    ("ch08_finetune", "chapters/ch08_finetune.py", "BERT and GPT, pretrained vs random init, fine-tuned on SST-2 and IMDB "
+     "with few labels and all", ["--bert", "{out}/ch07_bert"]),
+    ("ch09_efficient", "chapters/ch09_efficient.py", "head-only, top layers, adapters, LoRA, prompt tuning; grid and random "
+     "search (the shipped BERT)", []),
+    ("ch10_contrastive", "chapters/ch10_contrastive.py", "SimCSE sentence embeddings, probed before and after (the shipped BERT)",
+     []),
 ]
-# The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
+# The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2 and IMDB.
 MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
-NEEDS = {"ch08_finetune": "ch07_bert", "ch09_efficient": "ch07_bert", "ch10_contrastive": "ch07_bert"}  # a stage that reads another's run folder
+NEEDS = {"ch08_finetune": "ch07_bert"}  # a stage that reads another's run folder
 
 
 @dataclass
 class PipelineConfig(QuickConfig):
-    """Run the main job: tokenizers, GPT and BERT pretraining, fine-tuning on SST-2, a summary; resumable."""
+    """Run the main job: tokenizers, GPT and BERT pretraining, fine-tuning on SST-2 and IMDB, a summary; resumable."""
 
     out: str = field(default="", metadata={"help": "run folder (default: runs/pipeline, or runs/pipeline-quick with --quick)"})
     force: bool = field(default=False, metadata={"help": "redo stages that already finished"})

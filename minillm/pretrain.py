@@ -17,6 +17,7 @@ import os
 import pathlib
 import random
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Sequence
 
@@ -358,7 +359,8 @@ class BertPretrainConfig(TrainConfig):
     n_embd: int = field(default=128, metadata={"help": "hidden size"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (BERT: 0.1; 0 by default here: on a CPU its "
                                                            "random masks cost half a step, and a 3-epoch run barely overfits)"})
-    batch_size: int = field(default=64, metadata={"help": "sentence pairs per micro-batch, per process"})
+    batch_size: int = field(default=32, metadata={"help": "sentence pairs per micro-batch, per process (32 x ~100 tokens: on a "
+                                                               "CPU more steps of fewer pairs learn more in the same minutes)"})
     max_iters: int = field(default=3000, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
@@ -469,17 +471,21 @@ def bert_task(config: BertPretrainConfig, tokenizer, train_docs, val_docs) -> Be
     special = special_token_ids(tokenizer)
     half = (config.max_length - 3) // 2  # [CLS] A [SEP] B [SEP]: A and B share what the three specials leave
 
+    typecode = "H" if tokenizer.get_vocab_size() <= 2**16 else "I"  # ids as C arrays: 2 bytes each, not ~36 in a list
+
     def encode(documents):
         flat = [segment for document in documents for segment in document]
-        ids = iter([encoding.ids for start in range(0, len(flat), 20_000)  # in slices: an Encoding holds much more
-                    for encoding in tokenizer.encode_batch(flat[start:start + 20_000])])  # than its ids
+        ids = iter([array(typecode, encoding.ids) for start in range(0, len(flat), 20_000)  # in slices: an Encoding
+                    for encoding in tokenizer.encode_batch(flat[start:start + 20_000])])  # holds much more than ids
         encoded = [[next(ids) for _ in document] for document in documents]
         return encoded if config.data == "sst2" else [data.pack_segments(document, half) for document in encoded]
 
     pairs = {}
     for name, documents, seed in (("train", train_docs, config.seed), ("val", val_docs, config.seed + 1)):
-        pairs[name] = data.nsp_pairs(encode(documents), config.max_length, cls_id=special.cls, sep_id=special.sep,
-                                     generator=random.Random(seed))
+        examples = data.nsp_pairs(encode(documents), config.max_length, cls_id=special.cls, sep_id=special.sep,
+                                  generator=random.Random(seed))
+        pairs[name] = [(array(typecode, ids), array("B", types), label) for ids, types, label in examples]
+        del examples
     continuation = None
     if config.whole_word:
         continuation = [i for token, i in tokenizer.get_vocab().items() if token.startswith("##")]
@@ -503,7 +509,7 @@ def pretrain_gpt_on_reviews(tokenizer_run: str | os.PathLike, out: str | os.Path
     bert = read_json(tokenizer_run / "config.json").get("model", {})
     tokenizer = load_library_tokenizer(tokenizer_run / "tokenizer.json")
     model_config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=bert["max_len"], n_layer=bert["n_layer"],
-                             n_head=bert["n_head"], n_embd=bert["n_embd"], bias=True)
+                             n_head=bert["n_head"], n_embd=bert["n_embd"], dropout=bert.get("dropout", 0.0), bias=True)
     run_info = {"model": {"type": "gpt", **asdict(model_config)}, "tokenizer": "tokenizer.json", "data": "imdb"}
     if (out / "results.json").exists() and read_json(out / "config.json").get("model") == run_info["model"] and \
             read_json(out / "results.json").get("steps") == max_iters:

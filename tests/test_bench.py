@@ -84,3 +84,35 @@ def test_whole_runs_race_the_pretrain_command_against_nanogpts_loop_in_fresh_pro
 def test_whole_runs_refuse_a_missing_corpus_before_running_anything(tmp_path, capsys):
     assert main(["bench", "--quick", "--whole-run", "--device", "cpu", "--data", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_bert_benchmark_batch_is_a_pretraining_batch():
+    """[CLS] A [SEP] B [SEP], segment B after the middle [SEP], about 15% of the ordinary tokens to predict,
+    labels only there (the original ids), [MASK] shown in their place."""
+    from minillm.bench import bert_pretraining_batch
+
+    batch = bert_pretraining_batch(vocab_size=1000, batch_size=64, length=32, generator=torch.Generator().manual_seed(0),
+                                   device="cpu")
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert torch.all(ids[:, 0] == 2) and torch.all(ids[:, 16] == 3) and torch.all(ids[:, -1] == 3)
+    assert torch.all(batch["token_type_ids"][:, :17] == 0) and torch.all(batch["token_type_ids"][:, 17:] == 1)
+    selected = labels != -100
+    assert torch.all(ids[selected] == 4) and torch.all(labels[selected] >= 5)
+    assert 0.11 < selected.float().sum() / (64 * 29) < 0.19  # 15% of the 29 ordinary positions; sd 0.8 points
+
+
+def test_bench_races_bert_pretraining_against_hugging_face_on_a_tiny_shape(capsys):
+    assert main(["bench", "--model", "bert", "--quick", "--compare", "--rounds", "1", "--device", "cpu"]) == 0
+    output = capsys.readouterr().out
+    assert "BertForPreTraining" in output and "x the tokens/s of Hugging Face's" in output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "bert", "--preset", "cpu-recipe"], "is a GPT shape: drop --model bert"),
+    (["--preset", "bert-mini"], "is a BERT shape: add --model bert"),
+    (["--model", "bert", "--whole-run"], "--whole-run races GPT training runs"),
+])
+def test_bench_refuses_a_model_and_shape_that_do_not_go_together(args, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", *args])
+    assert message in capsys.readouterr().err

@@ -106,6 +106,22 @@ def test_a_classifier_starts_from_the_pretrained_encoder_with_a_fresh_head():
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, torch.tensor([0, 2, 1])), **F64)
 
 
+def test_mean_pooling_averages_the_real_tokens_last_states_and_ignores_padding():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30, max_len=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    model = BertForSequenceClassification(config, pooling="mean").double().eval()
+    ids, types, mask, _, _ = batch()
+    hidden, _ = model.bert(ids, types, mask)
+    for row in range(3):
+        real = mask[row].bool()
+        expected = model.classifier(hidden[row, real].mean(dim=0))
+        torch.testing.assert_close(model(ids, types, mask).logits[row], expected, **F64)
+    short = model(ids[1:2, :7], types[1:2, :7], mask[1:2, :7]).logits  # the padded row without its padding
+    torch.testing.assert_close(model(ids, types, mask).logits[1:2], short, **F64)
+    with pytest.raises(ValueError, match="pooling"):
+        BertForSequenceClassification(config, pooling="max")
+
+
 def test_bad_inputs_and_configs_are_refused():
     with pytest.raises(MinillmError, match="more than the model's 16 positions"):
         tiny_bert()(torch.full((1, 17), 6))
@@ -200,6 +216,9 @@ def test_pretrain_bert_runs_and_reports_held_out_mlm_and_nsp_accuracy(tmp_path, 
         assert (out / name).exists(), name
     model = BertForPreTraining.from_run(out)
     assert model.config.n_embd == 32
+    sst2 = tmp_path / "bert-sst2"  # SST-2's phrases, cut in two, instead of the reviews
+    assert main(["pretrain", "bert", "--quick", "--data", "sst2", "--out", str(sst2), "--device", "cpu"]) == 0
+    assert json.loads((sst2 / "config.json").read_text())["data"] == "sst2"
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["pretrain", "bert", "--quick", "--tokenizer", "bpe", "--whole-word", "--out", str(tmp_path / "x")])

@@ -54,7 +54,8 @@ def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(tmp_path):
     first = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summary = (out / "summary.md").read_text()
-    assert "| ch08_finetune | SST-2 dev accuracy, BERT, pretrained (ch07) |" in summary
+    assert "| ch08_finetune | SST-2 dev, 100 labels: BERT, pretrained / random init (gain) |" in summary
+    assert "| ch07_bert | held-out masked-LM accuracy, before -> after |" in summary
     assert "ch01_hello_pytorch" not in summary  # the main job's stages only (--stages all runs every chapter)
     assert "| ch06_gpt | validation perplexity |" in summary
     results_before = (out / "ch03_tokenization" / "results.json").stat().st_mtime_ns

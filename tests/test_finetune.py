@@ -598,6 +598,12 @@ def test_the_finetune_command_trains_scores_and_refuses_a_missing_run(tmp_path, 
     assert results["trainable_parameters"] < results["total_parameters"]
     for name in ("tokenizer.json", "model.safetensors", "log.jsonl"):
         assert (out / name).exists(), name
+    imdb = tmp_path / "imdb"
+    assert main(["finetune", "--quick", "--init", str(bert), "--data", "imdb", "--test-limit", "100", "--labelled", "100",
+                 "--out", str(imdb), "--device", "cpu"]) == 0
+    results = json.loads((imdb / "results.json").read_text())
+    assert results["report_split"] == "IMDB test (100 of 25,000, stratified)"
+    assert sum(map(sum, results["test"]["confusion_matrix"])) == 100
     capsys.readouterr()
     assert main(["finetune", "--quick", "--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err
