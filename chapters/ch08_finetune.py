@@ -1,13 +1,15 @@
 """Chapter 08: fine-tuning BERT and GPT as sentiment classifiers, pretrained against random init.
 
-Starts from chapter 07's BERT (pretrained on IMDB's unlabelled reviews) and, unless --no-shipped,
-the longer-pretrained BERT minillm ships; pretrains a GPT of the same size on the same reviews.
-Each model, and the same model from random weights, is fine-tuned on SST-2 and IMDB with a few
-labels and with all of them, several seeds each, with one recipe (minillm.finetune.FinetuneConfig).
-Reports mean ± spread tables and learning curves (accuracy against labelled examples).
+Starts from chapter 07's BERT (pretrained on IMDB's unlabelled reviews) and the longer-pretrained
+BERT minillm ships in data/pretrained; with --families ...,gpt it also pretrains a GPT of chapter 07's
+size on the same reviews. Each model, and the same model from random weights, is fine-tuned on SST-2
+(and with --tasks sst2,imdb on IMDB) with a few labels and with all of them, for each seed, with one
+recipe (minillm.finetune.FinetuneConfig). Reports mean ± spread tables and learning curves (accuracy
+against labelled examples, log scale).
 
-    python chapters/ch08_finetune.py --bert runs/ch07     # a CPU: the main job's grid, ~10 minutes
-    python chapters/ch08_finetune.py --bert runs/ch07 --budgets 250,1000,4000,all --seeds 1,2,3   # the README's
+    python chapters/ch08_finetune.py --bert runs/ch07     # the main job's grid: SST-2, 1,000 labels and all, ~9 min
+    python chapters/ch08_finetune.py --bert runs/ch07 --families bert,shipped,gpt --budgets 500,2000 --seeds 1,2,3
+    python chapters/ch08_finetune.py --families shipped --tasks imdb --seeds 1,2,3   # IMDB test, 1,000 labels
     python chapters/ch08_finetune.py --quick              # seconds; what the tests run
 """
 
@@ -25,6 +27,9 @@ from minillm.finetune import ClassificationTask, FinetuneConfig, classifier_cand
 from minillm.pretrain import BertPretrainConfig, pretrain_bert, pretrain_gpt_on_reviews
 
 
+FAMILIES = {"bert": "BERT", "shipped": "BERT, pretrained longer (shipped)", "gpt": "GPT"}  # --families: table names
+
+
 @dataclass
 class Config(FinetuneConfig):
     """Chapter 08: BERT and GPT, pretrained and from random init, fine-tuned on SST-2 and IMDB at several label budgets."""
@@ -32,12 +37,12 @@ class Config(FinetuneConfig):
     out: str = field(default="runs/ch08", metadata={"help": "run folder (finished fine-tuning runs in it are reused)"})
     bert: str = field(default="", metadata={"help": "a 'pretrain bert' / chapter 07 run folder (default: pretrain one first, "
                                                     "chapter 07's default run, into <out>/bert_pretraining)"})
-    shipped: bool = field(default=True, metadata={"help": "also fine-tune the BERT pretrained for longer that minillm ships in "
-                                                          "data/pretrained (and its random-init twin)"})
-    gpt: bool = field(default=True, metadata={"help": "also pretrain a GPT of the BERT's size on the same reviews and "
-                                                      "fine-tune it (and its random-init twin)"})
-    gpt_iters: int = field(default=1500, metadata={"help": "steps of GPT pretraining on the reviews (batch 32 x 128 tokens)"})
-    tasks: str = field(default="sst2,imdb", metadata={"help": "comma-separated: sst2 (reported on SST-2 dev), imdb "
+    families: str = field(default="bert,shipped", metadata={"help": "comma-separated models to fine-tune, each also from "
+                                                                      "random init: bert (--bert's run), shipped (the BERT "
+                                                                      "pretrained longer in data/pretrained), gpt (a GPT of "
+                                                                      "--bert's size pretrained here on the same reviews)"})
+    gpt_iters: int = field(default=600, metadata={"help": "steps of GPT pretraining on the reviews (batch 32 x 128 tokens)"})
+    tasks: str = field(default="sst2", metadata={"help": "comma-separated: sst2 (reported on SST-2 dev), imdb "
                                                               "(reported on IMDB test)"})
     budgets: str = field(default="1000,all", metadata={"help": "comma-separated labelled-example budgets ('all': every "
                                                                 "training example)"})
@@ -46,7 +51,10 @@ class Config(FinetuneConfig):
     test_limit: int = field(default=5000, metadata={"help": "score IMDB on a fixed stratified N of its 25,000 test reviews "
                                                             "(0: all of them)"})
     max_length: int = field(default=128, metadata={"help": "tokens per example (at most the model's positions)"})
-    QUICK = {**FinetuneConfig.QUICK, "gpt_iters": 20, "test_limit": 200, "budgets": "100,all", "imdb_budgets": "100"}
+    epochs: int = field(default=1, metadata={"help": "passes over the training examples (with all of SST-2's labels one "
+                                                     "pass is 1,850 steps; few labels get --min-steps)"})
+    QUICK = {**FinetuneConfig.QUICK, "families": "bert,shipped,gpt", "tasks": "sst2,imdb", "gpt_iters": 20, "test_limit": 200,
+             "budgets": "100,all", "imdb_budgets": "100"}
 
     def validate(self):
         super().validate()
@@ -54,6 +62,8 @@ class Config(FinetuneConfig):
             values = getattr(self, name).split(",")
             if not all(v.strip().isdigit() or (name != "seeds" and v.strip() == "all") for v in values):
                 raise ValueError(f"--{name.replace('_', '-')} must be comma-separated integers, got {getattr(self, name)!r}")
+        if not set(self.families.split(",")) <= set(FAMILIES):
+            raise ValueError(f"--families must be comma-separated names from {', '.join(FAMILIES)}, got {self.families!r}")
         if not set(self.tasks.split(",")) <= {"sst2", "imdb"}:
             raise ValueError(f"--tasks must be sst2, imdb or both, got {self.tasks!r}")
 
@@ -69,16 +79,15 @@ def main(config: Config) -> dict:
     seeds = [int(s) for s in config.seeds.split(",")]
 
     # 1. Pretrained models: chapter 07's BERT (or one made now), the shipped one, a GPT pretrained here on the reviews.
+    families = config.families.split(",")
     bert_run = pathlib.Path(config.bert) if config.bert else out / "bert_pretraining"
-    if not config.bert and not (bert_run / "model.safetensors").exists():
+    if {"bert", "gpt"} & set(families) and not config.bert and not (bert_run / "model.safetensors").exists():
         print(f"No --bert run given: pretraining one first (chapter 07's {'quick' if config.quick else 'default'} run)")
         pretrain_bert(BertPretrainConfig(out=str(bert_run), overwrite=True, quick=config.quick, device=config.device,
                                          precision=config.precision, **(BertPretrainConfig.QUICK if config.quick else {})))
-    runs = {"BERT": bert_run}
-    if config.shipped:
-        runs["BERT, pretrained longer (shipped)"] = datasets.shipped_bert_path()
-    if config.gpt:
-        runs["GPT"] = pretrain_gpt_on_reviews(bert_run, out / "gpt_pretraining", config.gpt_iters, config)
+    folders = {"bert": lambda: bert_run, "shipped": datasets.shipped_bert_path,
+               "gpt": lambda: pretrain_gpt_on_reviews(bert_run, out / "gpt_pretraining", config.gpt_iters, config)}
+    runs = {FAMILIES[family]: folders[family]() for family in FAMILIES if family in families}
 
     # 2. The labelled data: SST-2 (leak-free held-out slice, dev to report) and IMDB (held-out slice, test to report).
     all_splits = {"sst2": datasets.sst2_splits(config.val_fraction, seed=0, limit=config.sst2_limit),

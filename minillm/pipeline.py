@@ -7,8 +7,9 @@ headline numbers is printed and saved as ``<out>/summary.md``, next to the stage
 
 By default (``--stages main``) the main job runs what the issue that defined it lists: tokenizer
 training (03), GPT pretraining on Tiny Shakespeare with samples (06), BERT pretraining on IMDB's
-unlabelled reviews (07), and fine-tuning with few labels and all of them, pretrained against random
-init, on SST-2 and IMDB (08); ``--stages all`` runs every chapter.
+unlabelled reviews (07), and fine-tuning on SST-2 with 1,000 labels and with all of them, chapter
+07's BERT and the longer-pretrained BERT shipped in data/pretrained, each against its random-init twin
+(08); ``--stages all`` runs every chapter.
 """
 
 from __future__ import annotations
@@ -35,21 +36,21 @@ STAGES: list[tuple[str, str, str, list[str]]] = [
     ("ch06_gpt", "chapters/ch06_gpt.py", "GPT pretrained on Tiny Shakespeare; samples; the KV cache", []),
     ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on IMDB's unlabelled reviews: masked LM + next sentence; fill-in",
      []),
-    ("ch08_finetune", "chapters/ch08_finetune.py", "BERT and GPT, pretrained vs random init, fine-tuned on SST-2 and IMDB "
-     "with few labels and all", ["--bert", "{out}/ch07_bert"]),
+    ("ch08_finetune", "chapters/ch08_finetune.py", "chapter 07's BERT and the shipped BERT, pretrained vs random init, "
+     "fine-tuned on SST-2 with 1,000 labels and all", ["--bert", "{out}/ch07_bert"]),
     ("ch09_efficient", "chapters/ch09_efficient.py", "head-only, top layers, adapters, LoRA, prompt tuning; grid and random "
      "search (the shipped BERT)", []),
     ("ch10_contrastive", "chapters/ch10_contrastive.py", "SimCSE sentence embeddings, probed before and after (the shipped BERT)",
      []),
 ]
-# The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2 and IMDB.
+# The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
 MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
 NEEDS = {"ch08_finetune": "ch07_bert"}  # a stage that reads another's run folder
 
 
 @dataclass
 class PipelineConfig(QuickConfig):
-    """Run the main job: tokenizers, GPT and BERT pretraining, fine-tuning on SST-2 and IMDB, a summary; resumable."""
+    """Run the main job: tokenizers, GPT and BERT pretraining, fine-tuning on SST-2, a summary; resumable."""
 
     out: str = field(default="", metadata={"help": "run folder (default: runs/pipeline, or runs/pipeline-quick with --quick)"})
     force: bool = field(default=False, metadata={"help": "redo stages that already finished"})

@@ -68,3 +68,9 @@ def test_pipeline_rejects_an_unknown_stage_with_one_line(tmp_path):
     result = run(["-m", "minillm", "pipeline", "--stages", "ch99_nothing"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert "unknown stage(s) ch99_nothing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chapter_08_rejects_an_unknown_model_family_with_one_line(tmp_path):
+    result = run([str(REPO_ROOT / "chapters" / "ch08_finetune.py"), "--families", "bert,t5"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--families must be comma-separated names from bert, shipped, gpt" in result.stderr

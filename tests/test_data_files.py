@@ -9,7 +9,8 @@ from conftest import REPO_ROOT
 
 DATA = REPO_ROOT / "data"
 EXPECTED_FILES = {"tinyshakespeare.txt", "sst2/train.tsv", "sst2/dev.tsv", "imdb/unsup.txt.gz", "imdb/train.tsv.gz",
-                  "imdb/test.tsv.gz"}
+                  "imdb/test.tsv.gz", "pretrained/bert-mini-imdb/model.safetensors",
+                  "pretrained/bert-mini-imdb/tokenizer.json", "pretrained/bert-mini-imdb/config.json"}
 
 
 def readme_checksums() -> dict[str, str]:
@@ -34,3 +35,16 @@ def test_sst2_splits_have_the_documented_sizes_and_header():
         assert lines[0] == "sentence\tlabel"
         assert len(lines) - 1 == rows
         assert {line.rsplit("\t", 1)[1] for line in lines[1:]} == {"0", "1"}
+
+
+def test_shipped_bert_fills_in_movie_review_words():
+    """The shipped BERT is a model that learned the reviews, not just its file's bytes: for blanks whose answer
+    any reader of reviews knows, the right word is among its five most probable."""
+    from minillm import datasets
+    from minillm.finetune import load_pretrained
+    from minillm.pretrain import fill_in
+
+    model, tokenizer = load_pretrained(datasets.shipped_bert_path())
+    model.eval()
+    for sentence, word in (("the worst film i have ever [MASK] .", "seen"), ("i [MASK] this movie .", "loved")):
+        assert word in [token for token, _ in fill_in(model, tokenizer, sentence)], sentence
