@@ -365,19 +365,19 @@ def plot_learning_curves(
 ) -> pathlib.Path:
     """Learning curves with their spread: ``curves[name][x]`` holds one score per seed at ``x`` labelled
     examples; each curve is drawn through the means, its seeds' range (min to max) shaded, on a log x axis.
-    Names that share their text before ", " (say "BERT, pretrained" and "BERT, random init") share a
-    colour, pretrained solid and the rest dashed; ``reference`` is a horizontal line (name, value),
+    Names that share their text before the last ", " (say "BERT, pretrained" and "BERT, random init")
+    share a colour, pretrained solid and the rest dashed; ``reference`` is a horizontal line (name, value),
     e.g. the majority class."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     colours: dict[str, str] = {}
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown"]
     for name, points in curves.items():
-        family = name.split(", ")[0]
+        family, _, init = name.rpartition(", ")
         colour = colours.setdefault(family, palette[len(colours) % len(palette)])
         xs = sorted(points)
         means = [sum(points[x]) / len(points[x]) for x in xs]
-        style = "-" if "pretrained" in name else "--"
+        style = "-" if init == "pretrained" or not family else "--"
         ax.plot(xs, means, style, marker="o", color=colour, label=name)
         ax.fill_between(xs, [min(points[x]) for x in xs], [max(points[x]) for x in xs], color=colour, alpha=0.15)
     if reference is not None:
