@@ -102,7 +102,7 @@ def main(config: Config) -> dict:
     # 3. Fine-tune every model and its random-init twin, at every budget, once per seed, with one recipe.
     scores: dict[str, dict[str, dict[int, list[dict]]]] = {}  # task -> model name -> budget -> one result per seed
     for family, run in runs.items():
-        candidates = classifier_candidates(family, run, config.pooling)  # {"<family>, pretrained": build, "<family>, random init": build}
+        candidates = classifier_candidates(family, run, config.pooling)  # "<family>, pretrained" / ", random init": builders
         for task, (splits, budgets) in tasks.items():
             encoded, pad_id = encoded_splits(run, splits, config.max_length)  # token ids, this family's tokenizer
             for budget in budgets:

@@ -1,11 +1,12 @@
 """Chapter 09: efficient and prompt-based fine-tuning, and hyperparameter search.
 
-Fine-tunes the BERT minillm ships (or chapter 07's, with --bert) on SST-2 six ways with the same data and budget: every weight (chapter
-08), the classifier only, the top block, bottleneck adapters (Houlsby et al., 2019), LoRA (Hu et al.,
-2021) and a soft prompt (Lester et al., 2021); one table of SST-2 dev accuracy, trainable parameters,
-training time and memory. Then a grid search and a random search over LoRA's hyperparameters, each
-trial a short fine-tuning run in its own folder. Every run is a trial of minillm.hpsearch.run_trials:
-run the chapter again and finished runs are loaded, not redone.
+Fine-tunes the BERT minillm ships (or chapter 07's, with --bert) on SST-2 six ways with the same
+data and budget: every weight (chapter 08), the classifier only, the top block, bottleneck adapters
+(Houlsby et al., 2019), LoRA (Hu et al., 2021) and a soft prompt (Lester et al., 2021); one table of
+SST-2 dev accuracy, trainable parameters, training time and memory. Then a grid search and a random
+search over LoRA's hyperparameters, each trial a short fine-tuning run in its own folder. Every run
+is a trial of minillm.hpsearch.run_trials: run the chapter again and finished runs are loaded, not
+redone.
 
     python chapters/ch09_efficient.py                     # the shipped BERT
     python chapters/ch09_efficient.py --bert runs/ch07    # chapter 07's BERT instead

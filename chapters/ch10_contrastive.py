@@ -17,7 +17,6 @@ from __future__ import annotations
 import pathlib
 from dataclasses import asdict, dataclass, field
 
-
 from minillm import datasets
 from minillm.bert import BertForPreTraining
 from minillm.checkpoint import read_json, write_json

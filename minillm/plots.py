@@ -373,11 +373,11 @@ def plot_learning_curves(
     colours: dict[str, str] = {}
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown"]
     for name, points in curves.items():
-        family, _, init = name.rpartition(", ")
-        colour = colours.setdefault(family, palette[len(colours) % len(palette)])
+        family, _, init = name.rpartition(", ")  # "BERT, pretrained longer (shipped)", "random init"
+        colour = colours.setdefault(family or name, palette[len(colours) % len(palette)])
         xs = sorted(points)
         means = [sum(points[x]) / len(points[x]) for x in xs]
-        style = "-" if init == "pretrained" or not family else "--"
+        style = "-" if "pretrained" in init else "--"
         ax.plot(xs, means, style, marker="o", color=colour, label=name)
         ax.fill_between(xs, [min(points[x]) for x in xs], [max(points[x]) for x in xs], color=colour, alpha=0.15)
     if reference is not None:

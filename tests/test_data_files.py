@@ -46,5 +46,6 @@ def test_shipped_bert_fills_in_movie_review_words():
 
     model, tokenizer = load_pretrained(datasets.shipped_bert_path())
     model.eval()
-    for sentence, word in (("the worst film i have ever [MASK] .", "seen"), ("i [MASK] this movie .", "love"), ("this movie was [MASK] good .", "very")):
+    for sentence, word in (("the worst film i have ever [MASK] .", "seen"), ("i [MASK] this movie .", "love"),
+                           ("this movie was [MASK] good .", "very")):
         assert word in [token for token, _ in fill_in(model, tokenizer, sentence)], sentence
