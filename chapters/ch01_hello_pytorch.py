@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from minillm import benchmark, gradcheck, plots
-from minillm.checkpoint import write_json
+from minillm import gradcheck, plots, timing
 from minillm.config import QuickConfig, run_chapter
 from minillm.device import describe_device, is_compiled, maybe_compile, pick_device, seed_everything
+from minillm.files import write_json
 from minillm.layers import MLP
 
 
@@ -99,10 +99,10 @@ def main(config: Config) -> dict:
     bench_model = MLP([config.bench_width] * 4, activation=torch.nn.GELU).to(device).eval()
     batch = torch.randn(config.bench_batch, config.bench_width, device=device)
     with torch.no_grad():
-        eager_s = benchmark.time_callable(lambda: bench_model(batch), device)
+        eager_s = timing.time_callable(lambda: bench_model(batch), device)
         compiled_s = None
         if config.compile and is_compiled(maybe_compile(bench_model, device=device)):
-            compiled_s = benchmark.time_callable(lambda: bench_model(batch), device)
+            compiled_s = timing.time_callable(lambda: bench_model(batch), device)
     print(f"\n5. Forward of a {config.bench_width}-wide, 3-layer MLP on a batch of {config.bench_batch}: "
           f"eager {eager_s * 1e3:.2f} ms" + (f", compiled {compiled_s * 1e3:.2f} ms" if compiled_s else ", compiled: skipped"))
 

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minillm import bow, datasets, linreg, optim, plots
-from minillm.checkpoint import write_json
 from minillm.config import QuickConfig, run_chapter
 from minillm.device import seed_everything
+from minillm.files import write_json
 from minillm.tokenization import WordTokenizer
 
 
@@ -127,7 +127,7 @@ def optimizer_race(config: Config, out: pathlib.Path) -> dict:
         optimizer = optimizer_class(model.parameters(), **settings)
         scheduler = optim.warmup_cosine_schedule(optimizer, warmup_steps, config.race_steps, min_lr_ratio=0.0)
         start = time.perf_counter()
-        history = bow.train(model, optimizer, train_bags, dev_bags, config.race_steps, config.batch_size, scheduler,
+        history = bow.fit(model, optimizer, train_bags, dev_bags, config.race_steps, config.batch_size, scheduler,
                             eval_every=max(1, config.race_steps // 15), seed=config.seed, description=name)
         seconds = time.perf_counter() - start
         histories[name] = history

@@ -19,11 +19,20 @@ import numpy as np
 import torch
 
 from minillm import data, datasets, plots
-from minillm.checkpoint import write_json
 from minillm.config import QuickConfig, run_chapter
-from minillm.tokenization import (BPETokenizer, CharTokenizer, UnknownCharacterError, bpe_vocab_overlap, compression,
-                                  load_library_tokenizer, save_library_tokenizer, special_token_ids, train_library_bpe,
-                                  train_wordpiece)
+from minillm.files import write_json
+from minillm.tokenization import (
+    BPETokenizer,
+    CharTokenizer,
+    UnknownCharacterError,
+    bpe_vocab_overlap,
+    compression,
+    load_library_tokenizer,
+    save_library_tokenizer,
+    special_token_ids,
+    train_library_bpe,
+    train_wordpiece,
+)
 
 
 @dataclass

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from minillm import plots
 from minillm.attention import MultiHeadAttention, causal_mask, scaled_dot_product_attention
-from minillm.benchmark import time_callable
-from minillm.checkpoint import write_json
 from minillm.config import QuickConfig, run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
-from minillm.toy_tasks import AttentionOnlyModel, attention_mass_on, reversal_batch, sequence_accuracy, train_reversal
+from minillm.files import write_json
+from minillm.reversal import AttentionOnlyModel, attention_mass_on, reversal_batch, sequence_accuracy, train_reversal
+from minillm.timing import time_callable
 
 DIGITS = 10
 

@@ -20,12 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from minillm import plots
-from minillm.checkpoint import write_json
 from minillm.config import QuickConfig, run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
+from minillm.files import write_json
 from minillm.layers import LayerNorm, gelu, sinusoidal_table
-from minillm.seq2seq import (Vocabulary, dataset_capacity, detokenize, evaluate, label_smoothing_floor, make_batch,
-                             number_dataset, train_seq2seq)
+from minillm.number_words import (
+    Vocabulary,
+    dataset_capacity,
+    detokenize,
+    evaluate,
+    label_smoothing_floor,
+    make_batch,
+    number_dataset,
+    train_seq2seq,
+)
 from minillm.transformer import Transformer, TransformerConfig
 
 
@@ -74,7 +82,7 @@ def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
     seed_everything(config.seed)
     device = pick_device(config.device)
-    print(f"Running on {describe_device(device, 'fp32')}")  # its loop (minillm.seq2seq) runs in fp32
+    print(f"Running on {describe_device(device, 'fp32')}")  # its loop (minillm.number_words) runs in fp32
 
     # 1. The parts, checked against PyTorch (tests/test_layers.py does this for random shapes, and
     #    for whole encoder and decoder blocks against torch.nn.TransformerEncoderLayer / DecoderLayer).

@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minillm.checkpoint import read_json, write_json
+from minillm import runs
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device
+from minillm.files import read_json, write_json
 from minillm.gpt import GPT
-from minillm.pretrain import GPTPretrainConfig, sample_text, tokenize_corpus
-from minillm.train import LanguageModelingTask, Trainer
+from minillm.pretrain import GPTPretrainConfig, LanguageModelingTask, sample_text, tokenize_corpus
+from minillm.train import Trainer
 
 # nanoGPT's "baby GPT" for a GPU: 10.7M parameters, context 256 (its best val loss: 1.4697 on an A100).
 BABY_GPT = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, max_iters=5000,
@@ -61,9 +62,9 @@ def main(config: Config) -> dict:
           f"{math.log(len(tokenizer)):.2f} nats")
 
     # 3. Train with the shared loop: progress bar, log.jsonl, checkpoints, the best model, loss.png.
-    run_info = {"model": {"type": "gpt", **asdict(model.config)}, "tokenizer": "tokenizer.json", "data": str(config.corpus_path)}
+    run_info = runs.run_info("gpt", model.config, data=str(config.corpus_path))
     trainer = Trainer(model, task, config, run_info)
-    result = trainer.fit(prepare=lambda folder: tokenizer.save(folder / "tokenizer.json"))
+    result = trainer.fit(prepare=lambda folder: tokenizer.save(folder / runs.TOKENIZER))
     print(f"\nValidation (whole split, best model from step {result.best_step:,}): loss {result.val_loss:.4f} nats/char, "
           f"perplexity {result.val_perplexity:.2f}, in {result.seconds:.0f} s ({result.tokens_per_s:,.0f} tokens/s)")
 

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minillm import data, datasets, plots
+from minillm import data, datasets, plots, runs
 from minillm.bert import BertForPreTraining
-from minillm.checkpoint import read_json, write_json
+from minillm.bert_pretraining import BertPretrainConfig, bert_corpus, bert_task, evaluate_bert, fill_in
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
-from minillm.pretrain import BertPretrainConfig, bert_corpus, bert_task, evaluate_bert, fill_in
+from minillm.files import read_json, write_json
 from minillm.tokenization import save_library_tokenizer, special_token_ids
 from minillm.train import Trainer
 
@@ -83,10 +83,10 @@ def main(config: Config) -> dict:
     # 2. The model, and 3. pretraining with the shared loop.
     model = BertForPreTraining(config.model_config(tokenizer.get_vocab_size(), special.pad))
     print(f"BERT: {sum(p.numel() for p in model.parameters()):,} parameters, {config.n_layer} layers x {config.n_embd}")
-    run_info = {"model": {"type": "bert", **asdict(model.config)}, "tokenizer": "tokenizer.json", "data": config.data}
+    run_info = runs.run_info("bert", model.config, data=config.data)
     trainer = Trainer(model, task, config, run_info)
     before = evaluate_bert(model, task, trainer.device)
-    result = trainer.fit(prepare=lambda folder: save_library_tokenizer(tokenizer, folder / "tokenizer.json"))
+    result = trainer.fit(prepare=lambda folder: save_library_tokenizer(tokenizer, folder / runs.TOKENIZER))
 
     # 4. Evaluation on the held-out pairs, and fill-in-the-blank.
     metrics = evaluate_bert(model, task, trainer.device)

@@ -19,13 +19,13 @@ import pathlib
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from minillm import datasets, metrics, plots
-from minillm.checkpoint import read_json, write_json
+from minillm import datasets, metrics, plots, runs
+from minillm.bert_pretraining import chapter07_pretraining
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
+from minillm.files import read_json, write_json
 from minillm.finetune import ClassificationTask, FinetuneConfig, classifier_candidates, encoded_splits, finetune
-from minillm.pretrain import BertPretrainConfig, pretrain_bert, pretrain_gpt_on_reviews
-
+from minillm.pretrain import pretrain_gpt_on_reviews
 
 FAMILIES = {"bert": "BERT", "shipped": "BERT, pretrained longer (shipped)", "gpt": "GPT"}  # --families: table names
 
@@ -35,8 +35,9 @@ class Config(FinetuneConfig):
     """Chapter 08: BERT and GPT, pretrained and from random init, fine-tuned on SST-2 and IMDB at several label budgets."""
 
     out: str = field(default="runs/ch08", metadata={"help": "run folder (finished fine-tuning runs in it are reused)"})
-    bert: str = field(default="", metadata={"help": "a 'pretrain bert' / chapter 07 run folder (default: pretrain one first, "
-                                                    "chapter 07's default run, into <out>/bert_pretraining)"})
+    bert: str = field(default="pretrain", metadata={"help": "the BERT of family 'bert': a 'pretrain bert' / chapter 07 run "
+                                                            "folder, 'pretrain' (chapter 07's recipe, now, into "
+                                                            "<out>/bert_pretraining; reused once finished) or 'shipped'"})
     families: str = field(default="bert,shipped", metadata={"help": "comma-separated models to fine-tune, each also from "
                                                                       "random init: bert (--bert's run), shipped (the BERT "
                                                                       "pretrained longer in data/pretrained), gpt (a GPT of "
@@ -80,14 +81,10 @@ def main(config: Config) -> dict:
 
     # 1. Pretrained models: chapter 07's BERT (or one made now), the shipped one, a GPT pretrained here on the reviews.
     families = config.families.split(",")
-    bert_run = pathlib.Path(config.bert) if config.bert else out / "bert_pretraining"
-    if {"bert", "gpt"} & set(families) and not config.bert and not (bert_run / "model.safetensors").exists():
-        print(f"No --bert run given: pretraining one first (chapter 07's {'quick' if config.quick else 'default'} run)")
-        pretrain_bert(BertPretrainConfig(out=str(bert_run), overwrite=True, quick=config.quick, device=config.device,
-                                         precision=config.precision, **(BertPretrainConfig.QUICK if config.quick else {})))
-    folders = {"bert": lambda: bert_run, "shipped": datasets.shipped_bert_path,
-               "gpt": lambda: pretrain_gpt_on_reviews(bert_run, out / "gpt_pretraining", config.gpt_iters, config)}
-    runs = {FAMILIES[family]: folders[family]() for family in FAMILIES if family in families}
+    bert_run = lambda: runs.bert_run(config.bert, out / "bert_pretraining", chapter07_pretraining(config))  # noqa: E731
+    folders = {"bert": bert_run, "shipped": datasets.shipped_bert_path,
+               "gpt": lambda: pretrain_gpt_on_reviews(bert_run(), out / "gpt_pretraining", config.gpt_iters, config)}
+    pretrained_runs = {FAMILIES[family]: folders[family]() for family in FAMILIES if family in families}
 
     # 2. The labelled data: SST-2 (leak-free held-out slice, dev to report) and IMDB (held-out slice, test to report).
     all_splits = {"sst2": datasets.sst2_splits(config.val_fraction, seed=0, limit=config.sst2_limit),
@@ -101,7 +98,7 @@ def main(config: Config) -> dict:
 
     # 3. Fine-tune every model and its random-init twin, at every budget, once per seed, with one recipe.
     scores: dict[str, dict[str, dict[int, list[dict]]]] = {}  # task -> model name -> budget -> one result per seed
-    for family, run in runs.items():
+    for family, run in pretrained_runs.items():
         candidates = classifier_candidates(family, run, config.pooling)  # "<family>, pretrained" / ", random init": builders
         for task, (splits, budgets) in tasks.items():
             encoded, pad_id = encoded_splits(run, splits, config.max_length)  # token ids, this family's tokenizer
@@ -126,7 +123,7 @@ def main(config: Config) -> dict:
         print(f"{'labelled examples':44}" + "".join(f"{n:>14,}" for n in sizes))
         for name, row in rows.items():
             print(f"{name:44}" + "".join(f"{mean_sd(row[n]):>14}" for n in sizes))
-        for family in runs:
+        for family in pretrained_runs:
             pretrained, random = rows[f"{family}, pretrained"], rows[f"{family}, random init"]
             print(f"{family + ': gain (points)':44}" + "".join(f"{gain(pretrained[n], random[n]):>+14.1f}" for n in sizes))
             for n in sizes:
@@ -166,7 +163,7 @@ def reuse_or_finetune(folder: pathlib.Path, config: Config, build, data) -> dict
               "out": str(folder)}
     print(f"  {folder.parent.name}/{folder.name}: accuracy {result['accuracy']:.1%} (held-out {result['val_accuracy']:.1%}, "
           f"best of {result['steps']:,} steps at {result['best_step']:,})", flush=True)
-    for name in ("checkpoint.safetensors", "model.safetensors"):
+    for name in (runs.CHECKPOINT, runs.BEST_MODEL):
         (folder / name).unlink(missing_ok=True)
     write_json(done, {**read_json(done), "settings": settings, "test": result})
     return result

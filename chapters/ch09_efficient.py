@@ -22,16 +22,24 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from minillm import MinillmError, datasets, plots
-from minillm.bert import BertForPreTraining, BertForSequenceClassification
-from minillm.checkpoint import write_json
+from minillm import MinillmError, datasets, plots, runs
+from minillm.bert import BertForSequenceClassification
+from minillm.bert_pretraining import chapter07_pretraining
 from minillm.config import run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
-from minillm.finetune import (METHOD_RECIPES, ClassificationTask, FinetuneCommandConfig, FinetuneConfig,
-                              count_parameters, encode_for_bert, finetune, make_efficient, saved_activation_bytes,
-                              training_memory_bytes)
+from minillm.files import write_json
+from minillm.finetune import ClassificationTask, FinetuneConfig, encode_for_bert, finetune
 from minillm.hpsearch import best_trial, grid, random_search, results_table, run_trials
-from minillm.tokenization import load_library_tokenizer, special_token_ids
+from minillm.peft import (
+    METHOD_RECIPES,
+    PEFT_OPTIONS,
+    PeftOptions,
+    apply_method,
+    count_parameters,
+    saved_activation_bytes,
+    training_memory_bytes,
+)
+from minillm.tokenization import special_token_ids
 
 GRID = {"lr": [1e-3, 3e-3, 1e-2], "weight_decay": [0.0, 0.1]}  # the searches over LoRA: 6 combinations
 RANDOM = {"lr": ("log-uniform", 1e-4, 1e-2), "batch_size": [16, 32, 64], "weight_decay": ("uniform", 0.0, 0.1),
@@ -41,17 +49,13 @@ UNUSED = ("lr", "min_lr", "weight_decay")  # FinetuneConfig's, but each run has 
 
 
 @dataclass
-class Config(FinetuneConfig):
+class Config(PeftOptions, FinetuneConfig):  # PeftOptions: --top-layers, --lora-r, ... (the method table's)
     """Chapter 09: six ways to fine-tune BERT on SST-2, then grid and random search over LoRA's hyperparameters."""
 
     out: str = field(default="runs/ch09", metadata={"help": "run folder (finished runs in it are reused)"})
-    bert: str = field(default="", metadata={"help": "a 'pretrain bert' / chapter 07 run folder (default: the BERT minillm "
-                                                    "ships, pretrained for hours on IMDB's reviews, data/pretrained)"})
-    top_layers: int = field(default=1, metadata={"help": "blocks that train with method top"})
-    adapter_size: int = field(default=64, metadata={"help": "adapter bottleneck width"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank r (the method table's)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale alpha (update x alpha/r)"})
-    prompt_tokens: int = field(default=20, metadata={"help": "soft-prompt vectors"})
+    bert: str = field(default="shipped", metadata={"help": "the BERT to start from: 'shipped' (pretrained for hours on "
+                                                           "IMDB's reviews, data/pretrained), 'pretrain' (chapter 07's "
+                                                           "recipe, now, into <out>/bert_pretraining) or a run folder"})
     max_length: int = field(default=44, metadata={"help": "tokens per example (+ 20 prompt vectors = BERT's 64 positions)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training phrases, for every method"})
     sst2_limit: int = field(default=0, metadata={"help": "SST-2 training phrases for the method table (0: all 67,349)"})
@@ -63,12 +67,16 @@ class Config(FinetuneConfig):
     QUICK = {**FinetuneConfig.QUICK, "sst2_limit": 800, "max_length": 24, "prompt_tokens": 8, "search_limit": 300,
              "random_trials": 2}
 
+    def validate(self):
+        super().validate()
+        self.validate_options()
+
 
 def main(config: Config) -> dict:
     start, out, device = time.perf_counter(), pathlib.Path(config.out), pick_device(config.device)
     print(f"Running on {describe_device(device, config.precision)}")
-    bert_run = pathlib.Path(config.bert) if config.bert else datasets.shipped_bert_path()
-    bert, tokenizer = BertForPreTraining.from_run(bert_run), load_library_tokenizer(bert_run / "tokenizer.json")
+    bert_run = runs.bert_run(config.bert, out / "bert_pretraining", chapter07_pretraining(config))
+    bert, tokenizer, _ = runs.load_run(bert_run, expect="bert")
     if config.max_length + config.prompt_tokens > bert.config.max_len:
         raise MinillmError(f"--max-length + --prompt-tokens exceed the BERT's {bert.config.max_len} positions")
 
@@ -79,18 +87,21 @@ def main(config: Config) -> dict:
         return ClassificationTask(encode(splits.train), encode(splits.val), pad), encode(splits.test)
 
     def fine_tune(params: dict, folder: pathlib.Path, task, dev, **changes) -> dict:  # one run, a trial's metrics
-        shared = {k: v for k, v in asdict(config).items() if k in FinetuneCommandConfig.__dataclass_fields__}
-        settings = FinetuneCommandConfig(**{**shared, **params, "min_lr": params["lr"] / 10, "overwrite": True,
-                                            "out": str(folder / "run"), **changes})
+        options = {**params, **changes}
+        method = options.pop("method")
+        peft_options = {name: options.pop(name, getattr(config, name)) for name in PEFT_OPTIONS}
+        shared = {k: v for k, v in asdict(config).items() if k in FinetuneConfig.__dataclass_fields__}
+        settings = FinetuneConfig(**{**shared, **options, "min_lr": options["lr"] / 10, "overwrite": True,
+                                     "out": str(folder / "run")})
         seed_everything(config.seed)  # the same classifier initialization and batches for every run
-        model = make_efficient(BertForSequenceClassification.from_pretraining(bert, pooling=settings.pooling), settings,
-                               torch.Generator().manual_seed(config.seed))
+        model = apply_method(BertForSequenceClassification.from_pretraining(bert, pooling=settings.pooling), method,
+                             **peft_options, generator=torch.Generator().manual_seed(config.seed))
         trainable, total = count_parameters(model)
         longest = task.batch(sorted(task.train, key=lambda example: len(example[0]))[-settings.batch_size:])
         activations = saved_activation_bytes(model, lambda: ClassificationTask.loss(model, longest))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        scores = finetune(model, task, settings, dev, {"model": settings.method})
+        scores = finetune(model, task, settings, dev, {"model": method})
         return {"dev_accuracy": scores["accuracy"], "val_loss": scores["val_loss"], "trainable": trainable, "total": total,
                 "train_seconds": scores["train_seconds"], "memory_mib": (training_memory_bytes(model) + activations) / MIB,
                 "activations_mib": activations / MIB,
@@ -99,7 +110,7 @@ def main(config: Config) -> dict:
     # 1. Six methods, one budget (`epochs` over the first `sst2_limit` phrases), each with its METHOD_RECIPES.
     task, dev = sst2(config.sst2_limit)
     print(f"SST-2: {len(task.train):,} training phrases, {len(task.val):,} held out, {len(dev):,} dev sentences")
-    settings = {**asdict(config), "bert": hashlib.sha1((bert_run / "model.safetensors").read_bytes()).hexdigest()[:12]}
+    settings = {**asdict(config), "bert": hashlib.sha1((bert_run / runs.BEST_MODEL).read_bytes()).hexdigest()[:12]}
     context = lambda *skip: {k: v for k, v in settings.items() if k not in {*skip, *UNUSED, "out", "progress",  # noqa: E731
                              "resume", "overwrite", "log_interval", "random_trials"}}  # what a run's result depends on
     trials = [{"method": m, "lr": lr, "weight_decay": weight_decay} for m, (lr, weight_decay) in METHOD_RECIPES.items()]
@@ -120,7 +131,8 @@ def main(config: Config) -> dict:
     searches = {}
     lora_trial = lambda params, folder: fine_tune({"method": "lora", **params}, folder, search_task, search_dev,  # noqa: E731
                                                   epochs=1)
-    for name, trials in (("grid", grid(GRID)), ("random", random_search(RANDOM, config.random_trials, config.seed))):
+    grid_space = {"lr": GRID["lr"][:2], "weight_decay": GRID["weight_decay"][:1]} if config.quick else GRID  # quick: 2 trials
+    for name, trials in (("grid", grid(grid_space)), ("random", random_search(RANDOM, config.random_trials, config.seed))):
         print(f"\n== {name} search over LoRA: {len(trials)} trials, one epoch over {len(search_task.train):,} phrases ==")
         rows = run_trials(trials, lora_trial, out / name, "val_loss", "min", context=context("sst2_limit", "epochs"))
         shown = {"trial", *trials[0], "val_loss", "dev_accuracy", "trainable", "train_seconds"}
@@ -136,7 +148,7 @@ def main(config: Config) -> dict:
                      "activations saved for backward": [r["activations_mib"] for r in methods]}, names,
                     out / "memory.png", title="Training memory (counted, fp32)", ylabel="MiB")
     groups = {f"grid, weight decay {wd:g}": [r for r in searches["grid"] if r["weight_decay"] == wd]
-              for wd in GRID["weight_decay"]} | {"random search": searches["random"]}
+              for wd in grid_space["weight_decay"]} | {"random search": searches["random"]}
     plots.plot_scatter({name: ([r["lr"] for r in rows], [r["dev_accuracy"] for r in rows]) for name, rows in groups.items()},
                        out / "search.png", title="LoRA trials: SST-2 dev accuracy (r: rank, b: batch size)", logx=True,
                        xlabel="peak learning rate", ylabel="dev accuracy", labels={"random search": [

@@ -1,14 +1,14 @@
 """Chapter 10: contrastive learning of sentence embeddings (InfoNCE, unsupervised SimCSE).
 
 Takes a BERT pretrained by masked language modelling (the one minillm ships, or chapter 07's run with
---init), and trains it further with SimCSE (Gao et al., 2021): every SST-2 training sentence,
+--bert), and trains it further with SimCSE (Gao et al., 2021): every SST-2 training sentence,
 labels unused, is encoded twice with dropout on, and the InfoNCE loss pulls the two views together and
 pushes the other sentences of the batch away. Frozen embeddings of SST-2 dev sentences are scored before
 and after by two probes trained on the training sentences' labels (nearest centroid, logistic regression),
 and drawn in 2-D (PCA), coloured by sentiment.
 
     python chapters/ch10_contrastive.py                    # the shipped BERT: a few minutes on a 2-core CPU
-    python chapters/ch10_contrastive.py --init runs/ch07   # chapter 07's BERT instead
+    python chapters/ch10_contrastive.py --bert runs/ch07   # chapter 07's BERT instead
     python chapters/ch10_contrastive.py --quick            # seconds; what the tests run
 """
 
@@ -17,14 +17,15 @@ from __future__ import annotations
 import pathlib
 from dataclasses import asdict, dataclass, field
 
-from minillm import datasets
+from minillm import datasets, runs
 from minillm.bert import BertForPreTraining
-from minillm.checkpoint import read_json, write_json
+from minillm.bert_pretraining import chapter07_pretraining
 from minillm.config import run_chapter
-from minillm.contrastive import SimCSEConfig, pca_2d, plot_embeddings_2d, probe_encoder, set_dropout, simcse_task, sst2_sentences
+from minillm.contrastive import SimCSEConfig, pca_2d, plot_embeddings_2d, probe_encoder, set_dropout, simcse_task
 from minillm.device import describe_device, pick_device, seed_everything
+from minillm.files import read_json, write_json
 from minillm.finetune import encode_for_bert
-from minillm.tokenization import load_library_tokenizer, save_library_tokenizer, special_token_ids
+from minillm.tokenization import save_library_tokenizer, special_token_ids
 from minillm.train import Trainer
 
 
@@ -33,8 +34,9 @@ class Config(SimCSEConfig):
     """Chapter 10: SimCSE sentence embeddings from a BERT, scored by probes on SST-2 dev before and after."""
 
     out: str = field(default="runs/ch10", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
-    init: str = field(default="", metadata={"help": "a chapter 07 / 'pretrain bert' run folder (default: the BERT minillm "
-                                                    "ships, pretrained for hours on IMDB's reviews, data/pretrained)"})
+    bert: str = field(default="shipped", metadata={"help": "the BERT to start from: 'shipped' (pretrained for hours on "
+                                                           "IMDB's reviews, data/pretrained), 'pretrain' (chapter 07's "
+                                                           "recipe, now, into <out>/bert_pretraining) or a run folder"})
 
 
 def main(config: Config) -> dict:
@@ -44,14 +46,13 @@ def main(config: Config) -> dict:
     print(f"Running on {describe_device(device, config.precision)}")
 
     # 1. A BERT pretrained by masked LM + next-sentence prediction, and its WordPiece tokenizer.
-    bert_run = pathlib.Path(config.init) if config.init else datasets.shipped_bert_path()
-    tokenizer = load_library_tokenizer(bert_run / "tokenizer.json")
+    bert_run = runs.bert_run(config.bert, out / "bert_pretraining", chapter07_pretraining(config))
+    pretrained, tokenizer, _ = runs.load_run(bert_run, expect="bert")
     pad = special_token_ids(tokenizer).pad
-    pretrained = BertForPreTraining.from_run(bert_run)
     max_length = min(config.max_length, pretrained.config.max_len)
 
     # 2. SST-2: the training split's full sentences (labels only for the probes) and the dev sentences.
-    train_text, dev_text = sst2_sentences(config.sst2_limit)
+    train_text, dev_text = datasets.sst2_sentences(config.sst2_limit)
     train, dev = encode_for_bert(tokenizer, train_text, max_length), encode_for_bert(tokenizer, dev_text, max_length)
     task = simcse_task(config, [ids for ids, _ in train], pad)  # the text only: SimCSE never sees a label
     print(f"SST-2: {len(train):,} training sentences ({len(task.val)} held out for SimCSE's validation loss), "
@@ -67,10 +68,9 @@ def main(config: Config) -> dict:
     # 4. SimCSE: two dropout views per sentence, InfoNCE with in-batch negatives, the shared loop.
     encoder = set_dropout(pretrained.bert, config.dropout)
     encoder.pooler.requires_grad_(config.pooling == "pooler")  # unused otherwise: nothing to train (or to sync under DDP)
-    run_info = {"model": {"type": "bert-encoder", **asdict(encoder.config)}, "tokenizer": "tokenizer.json",
-                "pooling": config.pooling, "init": str(bert_run)}
+    run_info = runs.run_info("bert-encoder", encoder.config, pooling=config.pooling, init=str(bert_run))
     result = Trainer(encoder, task, config, run_info).fit(
-        prepare=lambda folder: save_library_tokenizer(tokenizer, folder / "tokenizer.json"))
+        prepare=lambda folder: save_library_tokenizer(tokenizer, folder / runs.TOKENIZER))
     scores["+ SimCSE"] = probe(encoder)
 
     # 5. Report, and a picture of the dev embeddings before and after.

@@ -1,16 +1,17 @@
 """minillm: large language models built from scratch in pure PyTorch, chapter by chapter.
 
-One module per idea; the README's module map lists them all. The first ones:
+One module per idea, on floors: topics below, commands on top (the README's architecture section draws
+them; tests/test_architecture.py keeps them). From the bottom:
 
-- ``minillm.device``: device pick, seeding, autocast policy, ``maybe_compile``
-- ``minillm.linreg``: linear regression with hand-derived gradients
-- ``minillm.optim``: SGD, RMSprop, Adam, AdamW, LAMB and LR schedules, written by hand
-- ``minillm.data`` and ``minillm.tokenization``: the shipped data sets, cleaned, tokenized and batched
-- ``minillm.attention``, ``minillm.layers``, ``minillm.transformer``: attention, the Transformer's
-  layers and blocks, and the encoder-decoder with greedy and beam decoding
-- ``minillm.metrics``: BLEU, exact match, perplexity, accuracy, precision / recall / F1, confusion matrix
-- ``minillm.plots``: the figures chapters save
-- ``minillm.config``: dataclass configurations turned into command-line interfaces
+- foundations: ``files``, ``device``, ``config``, ``plots``, ``timing``, ``metrics``, ``gradcheck``,
+  ``linreg``, ``optim``
+- data: ``data``, ``datasets``, ``tokenization``, ``checkpoint``, ``hpsearch``
+- parts: ``attention``, ``layers``, ``hf``, and chapters 02-05's small models ``bow``, ``reversal``,
+  ``number_words``
+- models: ``gpt``, ``bert``, ``transformer``
+- the loop: ``train`` (``Trainer``, ``Task``) and ``runs`` (run folders)
+- recipes: ``pretrain``, ``bert_pretraining``, ``finetune``, ``peft``, ``contrastive``, ``nanogpt``
+- commands: ``minillm.commands`` (``python -m minillm ...``); the chapter scripts ship as ``minillm.chapters``
 """
 
 __version__ = "0.1.0"

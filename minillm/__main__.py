@@ -1,10 +1,10 @@
-"""``python -m minillm <command>``: the command-line entry point.
+"""``python -m minillm <command>``: the command-line entry point; the commands live in :mod:`minillm.commands`.
 
 - ``pipeline``: the main job, every chapter's stage in order, resumable, with a summary.
-- ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on IMDB's unlabelled reviews (``minillm.pretrain``).
-- ``finetune``: fine-tune a pretrained BERT run on SST-2 or IMDB, fully or parameter-efficiently (``minillm.finetune``).
+- ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on IMDB's unlabelled reviews (``minillm.pretrain``, ``minillm.bert_pretraining``).
+- ``finetune``: fine-tune a pretrained BERT run on SST-2 or IMDB, fully or parameter-efficiently (``minillm.commands.finetune``).
 - ``generate``: sample from a pretrained run.
-- ``bench``: training throughput (and MFU on CUDA) of a GPT shape, or of BERT pretraining against Hugging Face's (``minillm.bench``).
+- ``bench``: training throughput (and MFU on CUDA) of a GPT shape, or of BERT pretraining against Hugging Face's (``minillm.commands.bench``).
 
 Every option comes from a configuration dataclass, so ``--help`` lists them all with their
 defaults. A user's mistake (a missing file, an impossible option) prints one ``error:`` line and
@@ -15,30 +15,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 from minillm import MinillmError, __version__
 from minillm.config import build_config, config_parser, quick_requested
 
 
-def _commands() -> dict[str, tuple[type, Callable, str]]:
-    """command name -> (config class, function running it, one-line help)."""
-    from minillm.bench import BenchConfig, run_bench
-    from minillm.finetune import FinetuneCommandConfig, run_finetune
-    from minillm.pipeline import PipelineConfig, run_pipeline
-    from minillm.pretrain import BertPretrainConfig, GenerateConfig, GPTPretrainConfig, generate, pretrain_bert, pretrain_gpt
+def _commands():
+    from minillm.commands import commands
 
-    return {
-        "pipeline": (PipelineConfig, run_pipeline, "run the main job: every chapter's stage in order, resumable, with a summary"),
-        "pretrain gpt": (GPTPretrainConfig, pretrain_gpt, "pretrain a GPT language model on a text file"),
-        "pretrain bert": (BertPretrainConfig, pretrain_bert, "pretrain a BERT (masked LM + next sentence) on IMDB's unlabelled "
-                                                             "reviews, SST-2 or a text file"),
-        "finetune": (FinetuneCommandConfig, run_finetune, "fine-tune a pretrained BERT run as a sentiment classifier "
-                                                           "(full, head-only, top layers, adapters, LoRA, prompt tuning)"),
-        "generate": (GenerateConfig, generate, "sample text from a pretrained GPT run"),
-        "bench": (BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape, or of BERT "
-                                          "pretraining against Hugging Face's"),
-    }
+    return commands()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command = commands.add_parser(name, help=help_text, description=config_class.__doc__)
         if name == "pipeline":
-            from minillm.pipeline import STAGES
+            from minillm.commands.pipeline import STAGES
 
             command.epilog = "stages: " + ", ".join(stage for stage, *_ in STAGES)
         config_parser(config_class, parser=command)

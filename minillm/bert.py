@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm import MinillmError
+from minillm import MinillmError, hf
 from minillm.layers import EncoderBlock, LayerNorm, make_activation
 
 
@@ -226,33 +226,14 @@ class BertForPreTraining(nn.Module):
         return output
 
     @classmethod
-    def from_run(cls, folder: str | os.PathLike) -> "BertForPreTraining":
-        """The best weights of a ``python -m minillm pretrain bert`` run folder (config.json + model.safetensors)."""
-        from minillm.checkpoint import load_model_state, read_json, read_safetensors
-
-        folder = pathlib.Path(folder)
-        if not (folder / "config.json").is_file():
-            raise MinillmError(f"{folder} has no config.json: is it a minillm run folder?")
-        model_info = dict(read_json(folder / "config.json").get("model", {}))
-        if model_info.pop("type", None) != "bert":
-            raise MinillmError(f"{folder} does not hold a BERT run")
-        model = cls(BertConfig.from_dict(model_info))
-        tensors, _ = read_safetensors(folder / "model.safetensors")
-        load_model_state(model, tensors, str(folder / "model.safetensors"))
-        return model
-
-    @classmethod
     def from_hf(cls, directory: str | os.PathLike, dropout: float = 0.0) -> "BertForPreTraining":
-        """Load a ``transformers`` BertForPreTraining folder (config.json + model.safetensors); see :mod:`minillm.hf`."""
-        from minillm import hf
-
-        return hf.load_bert(directory, dropout=dropout)
+        """Load a ``transformers`` BertForPreTraining folder (config.json + model.safetensors): :func:`load_bert`."""
+        return load_bert(directory, dropout=dropout)
 
     def save_hf(self, directory: str | os.PathLike) -> pathlib.Path:
-        """Write a folder that ``transformers.BertForPreTraining.from_pretrained`` loads with the same logits."""
-        from minillm import hf
-
-        return hf.save_bert(self, directory)
+        """Write a folder that ``transformers.BertForPreTraining.from_pretrained`` loads with the same logits:
+        :func:`save_bert`."""
+        return save_bert(self, directory)
 
 
 @dataclass
@@ -310,3 +291,21 @@ class BertForSequenceClassification(nn.Module):
 
 def config_dict(model: nn.Module) -> dict:
     return asdict(model.config)
+
+
+def load_bert(directory: str | os.PathLike, dropout: float = 0.0) -> BertForPreTraining:
+    """A :class:`BertForPreTraining` with the weights of a Hugging Face BERT folder (:func:`minillm.hf.read_bert_folder`
+    says what it reads and refuses). The model comes back in training mode; call ``.eval()`` before inference
+    when ``dropout`` > 0."""
+    config, state = hf.read_bert_folder(directory, BertConfig, dropout=dropout)
+    model = BertForPreTraining(config)
+    model.load_state_dict(state)  # strict: every parameter is set (the shapes were checked)
+    return model
+
+
+def save_bert(model: BertForPreTraining, directory: str | os.PathLike) -> pathlib.Path:
+    """Write ``model`` as a Hugging Face BERT folder (:func:`minillm.hf.write_bert_folder`); returns the folder.
+    :func:`load_bert` gives back the same model, ``transformers.BertForPreTraining.from_pretrained`` the same logits."""
+    if not isinstance(model, BertForPreTraining):
+        raise MinillmError(f"save_bert writes a minillm BertForPreTraining, got {type(model).__name__}")
+    return hf.write_bert_folder(directory, model.state_dict(), model.config)

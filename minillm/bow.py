@@ -87,7 +87,7 @@ class TrainHistory:
     lr: list[float] = field(default_factory=list)
 
 
-def train(
+def fit(
     model: BagOfWordsClassifier,
     optimizer: torch.optim.Optimizer,
     train_bags: Bags,

@@ -1,8 +1,8 @@
-"""Saving without losing anything: every file is written to a temporary name and then renamed.
+"""Checkpoints: model weights and whole training states as safetensors, written atomically.
 
-``os.replace`` is atomic on POSIX and Windows, so a run killed mid-write leaves either the old
-file or the new one, never half of one. Nothing here unpickles: JSON for structure, safetensors
-for tensors (model weights, and whole training states: :func:`save_training_state`).
+Nothing here unpickles: safetensors for tensors (model weights, and whole training states:
+:func:`save_training_state`), JSON for structure (through :mod:`minillm.files`, whose atomic
+writes every file here goes through).
 """
 
 from __future__ import annotations
@@ -10,39 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
-
+from minillm.files import atomic_write_bytes
 
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints: one safetensors file holding weights, optimizer state and RNG states

@@ -30,7 +30,6 @@ two directions of largest variance for a picture (:func:`plot_embeddings_2d`).
 
 from __future__ import annotations
 
-import collections
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -40,16 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm import MinillmError, data, datasets
+from minillm import MinillmError, data
 from minillm.bert import at_least_fp32  # bf16/fp16 upcast: cosines near 1 need the mantissa
-from minillm.train import TrainConfig
+from minillm.train import Task, TrainConfig
 
 Pooling = Literal["cls", "pooler", "mean"]
 POOLINGS = ("cls", "pooler", "mean")
 
 __all__ = [
     "info_nce", "alignment", "uniformity", "sentence_embeddings", "embed_sentences", "set_dropout", "SimCSEBatch",
-    "SimCSETask", "SimCSEConfig", "simcse_task", "sst2_sentences", "nearest_centroid_probe", "probe_encoder", "fit_logistic_regression", "logistic_regression_probe",
+    "SimCSETask", "SimCSEConfig", "simcse_task", "nearest_centroid_probe", "probe_encoder", "fit_logistic_regression", "logistic_regression_probe",
     "pca_2d", "plot_embeddings_2d",
 ]
 
@@ -195,7 +194,7 @@ class SimCSEBatch:
         return self.input_ids.shape[0]
 
 
-class SimCSETask:
+class SimCSETask(Task):
     """Unsupervised SimCSE for :class:`~minillm.train.Trainer`: ``sentences`` are token-id lists ([CLS] ... [SEP]).
 
     Training: a batch is B *distinct* sentences (drawn without replacement: a repeated sentence would be
@@ -341,47 +340,6 @@ def simcse_task(config: SimCSEConfig, sentences: Sequence[Sequence[int]], pad_id
 # ---------------------------------------------------------------------------------------------
 # SST-2's full training sentences
 # ---------------------------------------------------------------------------------------------
-
-
-def _key(text: str) -> str:
-    return " " + " ".join(text.lower().split()) + " "  # padded: containment then means whole words
-
-
-def sst2_sentences(limit: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """SST-2 as (text, label) lists: the training split's *full sentences*, and the dev sentences.
-
-    GLUE's training split is 67,349 phrases: every sentence of the treebank's training part and many of
-    its sub-phrases. The sentences are the phrases that lie inside no other phrase (compared as
-    lowercased word sequences): 6,885 of them, 19.4 words on average, like the dev sentences (19.5).
-    A training sentence that contains a dev sentence or lies inside one (two do) is dropped, so no
-    training text holds a piece of the test text. ``limit`` reads only the first N phrases (quick runs).
-    """
-    phrases, labels = datasets.read_sst2("train")
-    if limit:
-        phrases, labels = phrases[:limit], labels[:limit]
-    keys = [_key(p) for p in phrases]
-    index = collections.defaultdict(list)  # word -> the phrases that hold it
-    for i, key in enumerate(keys):
-        for word in set(key.split()):
-            index[word].append(i)
-    sentences = []
-    for i, key in enumerate(keys):
-        words = set(key.split())
-        if not words:
-            continue
-        rarest = min(words, key=lambda w: len(index[w]))  # any phrase holding this one holds its rarest word
-        if not any(len(keys[j]) > len(key) and key in keys[j] for j in index[rarest]):
-            sentences.append(i)
-    dev_texts, dev_labels = datasets.read_sst2("dev")
-    dev_keys = [_key(t) for t in dev_texts]
-    dev_joined = "\n".join(dev_keys)
-    seen, train = set(), []
-    for i in sentences:
-        if keys[i] in seen or keys[i] in dev_joined or any(d in keys[i] for d in dev_keys):
-            continue
-        seen.add(keys[i])
-        train.append((phrases[i], labels[i]))
-    return train, list(zip(dev_texts, dev_labels))
 
 
 # ---------------------------------------------------------------------------------------------

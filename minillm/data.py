@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from minillm import MinillmError
-from minillm.checkpoint import read_json, write_json
+from minillm.files import read_json, write_json
 
 HTML_LINE_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
 """The ``<br />`` tags (also ``<br>``, ``<br/>``, any case) that IMDB reviews use as line breaks."""
@@ -733,6 +733,11 @@ def pack_segments(segments: Sequence[Sequence[int]], max_tokens: int) -> list[li
     return chunks
 
 
+def text_key(text: str) -> str:
+    """The form in which two texts are compared for leaks: lowercased, whitespace runs collapsed to one space."""
+    return " ".join(text.lower().split())
+
+
 def leak_free_split(texts: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """A seeded random train/validation split in which no validation text occurs inside a training text.
 
@@ -758,7 +763,7 @@ def leak_free_split(texts: Sequence[str], val_fraction: float, seed: int = 0) ->
         raise ValueError(f"cannot split {len(texts)} text(s) into training and validation sets")
     n_val = min(max(round(len(texts) * val_fraction), 1), len(texts) - 1)
     picked = set(random.Random(seed).sample(range(len(texts)), n_val))
-    keys = [" ".join(text.lower().split()) for text in texts]  # no key contains "\n" ...
+    keys = [text_key(text) for text in texts]  # no key contains "\n" ...
     training_text = "\n".join(key for i, key in enumerate(keys) if i not in picked)  # ... so no match spans two texts
     in_val = [i in picked and keys[i] not in training_text for i in range(len(texts))]
     validation_text = "\n".join(key for key, v in zip(keys, in_val) if v)

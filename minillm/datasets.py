@@ -18,6 +18,7 @@ text. Every reading error is a :class:`minillm.MinillmError` with one sentence n
 
 from __future__ import annotations
 
+import collections
 import gzip
 import os
 import pathlib
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from minillm import MinillmError
-from minillm.data import HTML_LINE_BREAK, leak_free_split, read_text_file
+from minillm.data import HTML_LINE_BREAK, leak_free_split, read_text_file, text_key
 
 DATA_ENV = "MINILLM_DATA_DIR"
 
@@ -237,6 +238,47 @@ def sst2_splits(val_fraction: float = 0.1, seed: int = 0, limit: int = 0) -> Lab
     dev_texts, dev_labels = read_sst2("dev")
     return LabelledSplits("SST-2 dev", [(t, label_of[t]) for t in train_texts], [(t, label_of[t]) for t in val_texts],
                           list(zip(dev_texts, dev_labels)))
+
+
+def _word_key(text: str) -> str:
+    return f" {text_key(text)} "  # padded: containment then means whole words
+
+
+def sst2_sentences(limit: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """SST-2 as (text, label) lists: the training split's *full sentences*, and the dev sentences.
+
+    GLUE's training split is 67,349 phrases: every sentence of the treebank's training part and many of
+    its sub-phrases. The sentences are the phrases that lie inside no other phrase (compared as
+    lowercased word sequences): 6,885 of them, 19.4 words on average, like the dev sentences (19.5).
+    A training sentence that contains a dev sentence or lies inside one (two do) is dropped, so no
+    training text holds a piece of the test text. ``limit`` reads only the first N phrases (quick runs).
+    """
+    phrases, labels = read_sst2("train")
+    if limit:
+        phrases, labels = phrases[:limit], labels[:limit]
+    keys = [_word_key(p) for p in phrases]
+    index = collections.defaultdict(list)  # word -> the phrases that hold it
+    for i, key in enumerate(keys):
+        for word in set(key.split()):
+            index[word].append(i)
+    sentences = []
+    for i, key in enumerate(keys):
+        words = set(key.split())
+        if not words:
+            continue
+        rarest = min(words, key=lambda w: len(index[w]))  # any phrase holding this one holds its rarest word
+        if not any(len(keys[j]) > len(key) and key in keys[j] for j in index[rarest]):
+            sentences.append(i)
+    dev_texts, dev_labels = read_sst2("dev")
+    dev_keys = [_word_key(t) for t in dev_texts]
+    dev_joined = "\n".join(dev_keys)
+    seen, train = set(), []
+    for i in sentences:
+        if keys[i] in seen or keys[i] in dev_joined or any(d in keys[i] for d in dev_keys):
+            continue
+        seen.add(keys[i])
+        train.append((phrases[i], labels[i]))
+    return train, list(zip(dev_texts, dev_labels))
 
 
 def imdb_splits(val_fraction: float = 0.1, seed: int = 0, test_limit: int = 0, folder: str | os.PathLike | None = None,

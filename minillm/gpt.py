@@ -2,8 +2,13 @@
 
 ::
 
-    ids (B, T) -> token embedding + position embedding -> N × [pre-norm causal self-attention + MLP]
-               -> LayerNorm -> linear (tied to the token embedding) -> logits (B, T, vocab)
+    ids (B, T) -> token embedding + position embedding -> N × Block -> LayerNorm
+               -> linear (tied to the token embedding) -> logits (B, T, vocab)
+
+    Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+
+The names are GPT-2's (``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``), so
+that a Hugging Face GPT-2 checkpoint maps onto it name for name (:mod:`minillm.hf`).
 
 Trained to predict every next token at once (the causal mask hides the future), with the loss
 
@@ -27,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm import MinillmError
-from minillm.layers import DecoderBlock, LayerNorm, LearnedPositionalEmbedding, RotaryEmbedding
+from minillm import MinillmError, hf
+from minillm.attention import KVCache, causal_mask, fused_attention, scaled_dot_product_attention
+from minillm.layers import LayerNorm, LearnedPositionalEmbedding, RotaryEmbedding, make_activation
 
 
 @dataclass
@@ -74,6 +80,80 @@ class GPTConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (Vaswani et al., 2017), GPT-2's layout: one ``c_attn`` makes q, k and v.
+
+    .. math::  \\mathrm{head}_i = \\mathrm{softmax}\\Big(\\frac{Q_i K_i^\\top}{\\sqrt{d}} + M\\Big) V_i,
+               \\qquad \\mathrm{out} = [\\mathrm{head}_1; \\dots; \\mathrm{head}_h]\\, W_O
+
+    with M = -inf above the diagonal (a token sees only itself and the past). ``kv_cache`` (a
+    :class:`~minillm.attention.KVCache`) keeps earlier positions' keys and values for generation, ``rotary``
+    rotates q and k by their positions (RoPE); ``fused = False`` swaps PyTorch's fused kernel for the
+    hand-written :func:`~minillm.attention.scaled_dot_product_attention` (the same numbers, slower: for teaching
+    and tests). :class:`~minillm.attention.MultiHeadAttention` is the general layer (cross-attention, padding).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q | k | v, one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.fused = True
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, rotary: RotaryEmbedding | None = None):
+        batch, length, width = x.shape
+        q, k, v = self.c_attn(x).split(width, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(batch, length, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        past = kv_cache.length if kv_cache is not None else 0  # positions already cached
+        if rotary is not None:
+            q, k = rotary(q, k, past)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, past + T, hs)
+        # Causal: the kernel's own mask when nothing is cached; one new token may see everything cached.
+        mask = causal_mask(length, past + length, x.device, offset=past) if past and length > 1 else None
+        attend = fused_attention if self.fused else scaled_dot_product_attention
+        y = attend(q, k, v, attn_mask=mask, is_causal=past == 0, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(batch, length, width)  # (B, T, C): the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        weight = next(self.parameters())  # not c_attn.weight: c_attn may be wrapped (LoRA, minillm.peft)
+        return KVCache(batch_size, self.n_head, max_len, self.head_dim, device=device or weight.device,
+                       dtype=dtype or weight.dtype)
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: ``c_proj(gelu(c_fc(x)))``, 4·n_embd wide, then dropout."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = make_activation(config.activation)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """One GPT block: pre-norm attention, then a pre-norm MLP, each added to the residual stream (GPT-2)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, rotary: RotaryEmbedding | None = None):
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
 class GPT(nn.Module):
     """The decoder-only language model; ``model(idx, targets)`` -> ``(logits, loss)``."""
 
@@ -84,10 +164,7 @@ class GPT(nn.Module):
         self.wpe = LearnedPositionalEmbedding(c.n_embd, c.block_size) if c.positions == "learned" else None
         self.rotary = RotaryEmbedding(c.n_embd // c.n_head, c.block_size) if c.positions == "rotary" else None
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            DecoderBlock(c.n_embd, c.n_head, 4 * c.n_embd, dropout=c.dropout, activation=c.activation, norm_first=True,
-                         bias=c.bias, layer_norm_eps=c.layer_norm_eps, cross_attention=False)
-            for _ in range(c.n_layer))
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = LayerNorm(c.n_embd, eps=c.layer_norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_weights:
@@ -96,7 +173,7 @@ class GPT(nn.Module):
         # GPT-2's init: each residual branch's last layer scaled by 1/sqrt(2·n_layer), so that the sum of
         # 2·n_layer branches added to the residual stream keeps its variance at init (Radford et al., 2019).
         for block in self.blocks:
-            for projection in (block.self_attn.out_proj, block.feed_forward.linear2):
+            for projection in (block.attn.c_proj, block.mlp.c_proj):
                 nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     @staticmethod
@@ -143,7 +220,7 @@ class GPT(nn.Module):
             x = x + self.wpe(length, offset)  # + (T, n_embd), broadcast over the batch
         x = self.drop(x)
         for index, block in enumerate(self.blocks):
-            x = block(x, is_causal=True, kv_cache=kv_caches[index] if kv_caches is not None else None, rotary=self.rotary)
+            x = block(x, kv_caches[index] if kv_caches is not None else None, self.rotary)
         return self.ln_f(x)  # (B, T, n_embd)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_caches: list | None = None,
@@ -168,7 +245,7 @@ class GPT(nn.Module):
 
     def new_caches(self, batch_size: int, device=None, dtype=None) -> list:
         """One empty KV cache per block, each holding up to ``block_size`` positions."""
-        return [block.self_attn.new_cache(batch_size, self.config.block_size, device=device, dtype=dtype)
+        return [block.attn.new_cache(batch_size, self.config.block_size, device=device, dtype=dtype)
                 for block in self.blocks]
 
     @torch.no_grad()
@@ -222,49 +299,20 @@ class GPT(nn.Module):
         self.train(was_training)
         return idx
 
-    @classmethod
-    def from_run(cls, path: str | os.PathLike) -> "GPT":
-        """A ``python -m minillm pretrain gpt`` run folder's GPT (or a ``.safetensors`` file in one): the best
-        weights (``model.safetensors``), or the latest checkpoint's when there is no best yet."""
-        from minillm.checkpoint import load_model_state, read_json, read_safetensors
-
-        path = pathlib.Path(path)
-        folder = path.parent if path.suffix == ".safetensors" else path
-        if not folder.is_dir():
-            raise MinillmError(f"{folder} is not a run folder (expected config.json, tokenizer.json and model.safetensors)")
-        if not (folder / "config.json").is_file():
-            raise MinillmError(f"{folder} has no config.json: is it a minillm run folder?")
-        model_info = dict(read_json(folder / "config.json").get("model", {}))
-        kind = model_info.pop("type", None)
-        if kind != "gpt":
-            raise MinillmError(f"{folder} holds a {kind!r} model, not a GPT")
-        weights = path if path.suffix == ".safetensors" else next(
-            (folder / name for name in ("model.safetensors", "checkpoint.safetensors") if (folder / name).exists()),
-            folder / "model.safetensors")
-        tensors, _ = read_safetensors(weights)
-        if weights.name == "checkpoint.safetensors" or any(k.startswith("model/") for k in tensors):
-            tensors = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        model = cls(GPTConfig.from_dict(model_info))
-        load_model_state(model, tensors, str(weights))
-        return model
-
     # -----------------------------------------------------------------------------------------
-    # Hugging Face GPT-2 checkpoints
+    # Hugging Face GPT-2 checkpoints (minillm.hf converts the names and layouts)
     # -----------------------------------------------------------------------------------------
 
     @classmethod
     def from_hf(cls, directory: str | os.PathLike, dropout: float = 0.0) -> "GPT":
         """Load a Hugging Face GPT-2 directory (``config.json`` + ``model.safetensors``, as
-        ``save_pretrained`` writes it); see :mod:`minillm.hf` for the name and layout mapping."""
-        from minillm import hf
-
-        return hf.load_gpt2(directory, dropout=dropout)
+        ``save_pretrained`` writes it): :func:`load_gpt2`."""
+        return load_gpt2(directory, dropout=dropout)
 
     def save_hf(self, directory: str | os.PathLike) -> pathlib.Path:
-        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads with identical logits."""
-        from minillm import hf
-
-        return hf.save_gpt2(self, directory)
+        """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads with identical logits:
+        :func:`save_gpt2`."""
+        return save_gpt2(self, directory)
 
     def config_json(self) -> str:
         return json.dumps(asdict(self.config), indent=2)
@@ -291,3 +339,21 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+def load_gpt2(directory: str | os.PathLike, dropout: float = 0.0) -> GPT:
+    """A :class:`GPT` with the weights of a Hugging Face GPT-2 folder (:func:`minillm.hf.read_gpt2_folder` says
+    what it reads and refuses). The model comes back in training mode, like any new ``nn.Module``; call
+    ``.eval()`` before inference when ``dropout`` > 0."""
+    config, state = hf.read_gpt2_folder(directory, GPTConfig, dropout=dropout)
+    model = GPT(config)
+    model.load_state_dict(state)  # strict: every parameter is set (the shapes were checked)
+    return model
+
+
+def save_gpt2(model: GPT, directory: str | os.PathLike) -> pathlib.Path:
+    """Write ``model`` as a Hugging Face GPT-2 folder (:func:`minillm.hf.write_gpt2_folder`); returns the folder.
+    :func:`load_gpt2` gives back the same model, ``transformers.GPT2LMHeadModel.from_pretrained`` the same logits."""
+    if not isinstance(model, GPT):
+        raise MinillmError(f"save_gpt2 writes a minillm GPT, got {type(model).__name__}")
+    return hf.write_gpt2_folder(directory, model.state_dict(), model.config)

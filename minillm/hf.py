@@ -9,10 +9,14 @@ A Hugging Face checkpoint is a folder with two files that matter, as ``save_pret
   it, for big models). Nothing here reads ``pytorch_model.bin``: it is a pickle, and unpickling a
   downloaded file can run any code the file asks for.
 
-:func:`load_gpt2` / :func:`load_bert` turn such a folder into a minillm model, and
-:func:`save_gpt2` / :func:`save_bert` write a minillm model as a folder that transformers'
-``from_pretrained`` loads with the same logits. Only torch, safetensors and the standard library
-are used: transformers is needed only by the tests, which check both directions against it.
+:func:`read_gpt2_folder` / :func:`read_bert_folder` turn such a folder into a minillm config and
+state dict, and :func:`write_gpt2_folder` / :func:`write_bert_folder` write a minillm state dict as a
+folder that transformers' ``from_pretrained`` loads with the same logits. This module converts names,
+layouts and configs only and imports no model, so the models can import it: ``GPT.from_hf`` /
+``GPT.save_hf`` (:func:`minillm.gpt.load_gpt2`, :func:`minillm.gpt.save_gpt2`) and BERT's
+(:func:`minillm.bert.load_bert`, :func:`minillm.bert.save_bert`) build on it. Only torch, safetensors
+and the standard library are used: transformers is needed only by the tests, which check both
+directions against it.
 Both readers are strict: a config minillm cannot build, or a missing, extra or mis-shaped tensor,
 is a :class:`~minillm.MinillmError` that names the key or the tensor, never a model that quietly
 computes something else.
@@ -24,34 +28,34 @@ GPT-2
 ``n_inner``, ``layer_norm_epsilon``, ``activation_function``, ``tie_word_embeddings``, ...
 The name mapping (C = n_embd, V = vocab_size, P = n_positions = block_size)::
 
-    Hugging Face GPT-2                      shape      minillm GPT                                  shape
-    transformer.wte.weight                  (V, C)     wte.weight                                   (V, C)
-    transformer.wpe.weight                  (P, C)     wpe.weight                                   (P, C)
-    transformer.h.{i}.ln_1.{weight,bias}    (C,)       blocks.{i}.norm1.{weight,bias}               (C,)
-    transformer.h.{i}.attn.c_attn.weight    (C, 3C)    blocks.{i}.self_attn.{q,k,v}_proj.weight     (C, C) each
-    transformer.h.{i}.attn.c_attn.bias      (3C,)      blocks.{i}.self_attn.{q,k,v}_proj.bias       (C,) each
-    transformer.h.{i}.attn.c_proj.weight    (C, C)     blocks.{i}.self_attn.out_proj.weight         (C, C)
-    transformer.h.{i}.attn.c_proj.bias      (C,)       blocks.{i}.self_attn.out_proj.bias           (C,)
-    transformer.h.{i}.ln_2.{weight,bias}    (C,)       blocks.{i}.norm3.{weight,bias}               (C,)
-    transformer.h.{i}.mlp.c_fc.weight       (C, 4C)    blocks.{i}.feed_forward.linear1.weight       (4C, C)
-    transformer.h.{i}.mlp.c_fc.bias         (4C,)      blocks.{i}.feed_forward.linear1.bias         (4C,)
-    transformer.h.{i}.mlp.c_proj.weight     (4C, C)    blocks.{i}.feed_forward.linear2.weight       (C, 4C)
-    transformer.h.{i}.mlp.c_proj.bias       (C,)       blocks.{i}.feed_forward.linear2.bias         (C,)
-    transformer.ln_f.{weight,bias}          (C,)       ln_f.{weight,bias}                           (C,)
-    lm_head.weight (only when untied)       (V, C)     lm_head.weight                               (V, C)
+    Hugging Face GPT-2                      shape      minillm GPT                              shape
+    transformer.wte.weight                  (V, C)     wte.weight                               (V, C)
+    transformer.wpe.weight                  (P, C)     wpe.weight                               (P, C)
+    transformer.h.{i}.ln_1.{weight,bias}    (C,)       blocks.{i}.ln_1.{weight,bias}            (C,)
+    transformer.h.{i}.attn.c_attn.weight    (C, 3C)    blocks.{i}.attn.c_attn.weight            (3C, C)
+    transformer.h.{i}.attn.c_attn.bias      (3C,)      blocks.{i}.attn.c_attn.bias              (3C,)
+    transformer.h.{i}.attn.c_proj.weight    (C, C)     blocks.{i}.attn.c_proj.weight            (C, C)
+    transformer.h.{i}.attn.c_proj.bias      (C,)       blocks.{i}.attn.c_proj.bias              (C,)
+    transformer.h.{i}.ln_2.{weight,bias}    (C,)       blocks.{i}.ln_2.{weight,bias}            (C,)
+    transformer.h.{i}.mlp.c_fc.weight       (C, 4C)    blocks.{i}.mlp.c_fc.weight               (4C, C)
+    transformer.h.{i}.mlp.c_fc.bias         (4C,)      blocks.{i}.mlp.c_fc.bias                 (4C,)
+    transformer.h.{i}.mlp.c_proj.weight     (4C, C)    blocks.{i}.mlp.c_proj.weight             (C, 4C)
+    transformer.h.{i}.mlp.c_proj.bias       (C,)       blocks.{i}.mlp.c_proj.bias               (C,)
+    transformer.ln_f.{weight,bias}          (C,)       ln_f.{weight,bias}                       (C,)
+    lm_head.weight (only when untied)       (V, C)     lm_head.weight                           (V, C)
 
 **The Conv1D transpose.** GPT-2's projections are not ``nn.Linear`` but transformers' ``Conv1D``
 (a name from OpenAI's TensorFlow code), which computes ``y = x @ W + b`` with ``W`` stored as
 (in_features, out_features). ``nn.Linear`` computes ``y = x @ W.T + b`` with ``W`` stored as
 (out_features, in_features). So every Conv1D weight is the *transpose* of the ``nn.Linear``
-weight that computes the same function: ``c_fc.weight`` (C, 4C) is ``linear1.weight.T``. The
+weight that computes the same function: GPT-2's ``c_fc.weight`` (C, 4C) is minillm's ``c_fc.weight.T``. The
 embeddings, the LayerNorms and ``lm_head`` (an ``nn.Linear`` in transformers too) need no transpose.
 
 **The fused attention projection.** ``c_attn`` computes queries, keys and values in one matrix
-product: its (C, 3C) weight holds the query columns, then the key columns, then the value columns.
-Transposed to (3C, C) and cut into three (C, C) blocks of rows, it gives ``q_proj``, ``k_proj``
-and ``v_proj``. Within each block, head h owns features h·head_dim .. (h+1)·head_dim - 1, in
-transformers and in :class:`~minillm.attention.MultiHeadAttention` alike, so the heads line up.
+product: its (C, 3C) weight holds the query columns, then the key columns, then the value columns,
+and minillm's (3C, C) ``nn.Linear`` weight the same as rows. Within each block, head h owns features
+h·head_dim .. (h+1)·head_dim - 1, in transformers and in :class:`~minillm.gpt.CausalSelfAttention`
+alike, so the heads line up.
 
 **Prefixes and leftovers.** ``GPT2LMHeadModel`` saves its tensors under ``transformer.``;
 ``GPT2Model`` (and OpenAI's original upload on the Hub) saves them without: both are read.
@@ -76,8 +80,8 @@ any other ``hidden_act``, a ``position_embedding_type`` other than ``"absolute"`
 positions), ``is_decoder`` or ``add_cross_attention`` (a causal or cross-attending BERT),
 ``tie_word_embeddings: false`` (minillm's masked-LM decoder *is* the word embedding matrix) and a
 null ``pad_token_id``. The two dropout rates ``hidden_dropout_prob`` and
-``attention_probs_dropout_prob`` are a training choice: :func:`load_bert` uses its ``dropout``
-argument, and :func:`save_bert` writes the model's one ``dropout`` as both.
+``attention_probs_dropout_prob`` are a training choice: :func:`read_bert_folder` uses its ``dropout``
+argument, and :func:`write_bert_folder` writes the model's one ``dropout`` as both.
 
 The name mapping (H = hidden_size = n_embd, I = intermediate_size, V = vocab_size,
 P = max_position_embeddings = max_len, S = type_vocab_size). Every matrix is an ``nn.Linear`` or
@@ -106,7 +110,7 @@ an ``nn.Embedding`` on both sides, so tensors move unchanged, only renamed: no t
 
 **Tied tensors and leftovers.** ``save_pretrained`` leaves out the two tied tensors
 ``cls.predictions.decoder.weight`` (the word embeddings) and ``cls.predictions.decoder.bias``
-(``cls.predictions.bias``), and so does :func:`save_bert`. When a folder stores them anyway they
+(``cls.predictions.bias``), and so does :func:`write_bert_folder`. When a folder stores them anyway they
 must equal what they are tied to: transformers 5 then loads them as separate parameters, and a
 copy that differs would make its model compute other logits than minillm's tied one, so such a
 folder is refused; a folder with only ``cls.predictions.decoder.bias`` has it read as
@@ -116,7 +120,7 @@ transformers versions saved the buffer ``bert.embeddings.position_ids`` (0, 1, 2
 weight: skipped).
 
 **Encoder-only folders are refused.** ``BertModel`` (names without ``bert.``) and fine-tuned
-models (``BertForSequenceClassification``, ...) have no ``cls.`` pretraining heads; :func:`load_bert`
+models (``BertForSequenceClassification``, ...) have no ``cls.`` pretraining heads; :func:`read_bert_folder`
 returns a ``BertForPreTraining`` and will not invent a masked-LM and a next-sentence head for
 them, so it refuses such a folder with a message that says so.
 """
@@ -127,16 +131,18 @@ import json
 import os
 import pathlib
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import safetensors
 import safetensors.torch
 import torch
 
 from minillm import MinillmError
-from minillm.bert import BertConfig, BertForPreTraining
-from minillm.checkpoint import atomic_write_bytes, atomic_write_text
-from minillm.gpt import GPT, GPTConfig
+from minillm.files import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:  # for annotations only: this module converts checkpoints and never builds a model
+    from minillm.bert import BertConfig
+    from minillm.gpt import GPTConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -144,7 +150,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # Which reader takes which config.json "model_type", for the message when a folder reaches the wrong one.
-READERS = {"gpt2": "load_gpt2 (GPT.from_hf)", "bert": "load_bert (BertForPreTraining.from_hf)"}
+READERS = {"gpt2": "load_gpt2 (GPT.from_hf)", "bert": "load_bert (BertForPreTraining.from_hf)"}  # minillm.gpt, minillm.bert
 
 # What transformers.GPT2Config assumes for a key config.json leaves out (OpenAI's own upload
 # has no n_inner or tie_word_embeddings, for instance): a missing key means the same here.
@@ -168,6 +174,8 @@ ACTIVATIONS_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"
 ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 GPT2_VOCAB_SIZE, GPT2_END_OF_TEXT = 50257, 50256  # OpenAI's tokenizer and its <|endoftext|> id
 
+# GPT-2's projections, stored as Conv1D weights (in_features, out_features): the transposes of nn.Linear's.
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The causal-mask buffers older transformers versions saved with the weights; not parameters.
 LEGACY_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -355,28 +363,26 @@ def write_hf_folder(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-def load_gpt2(directory: str | os.PathLike, dropout: float = 0.0) -> GPT:
-    """A :class:`~minillm.gpt.GPT` with the weights of a Hugging Face GPT-2 folder.
+def read_gpt2_folder(directory: str | os.PathLike, config_class: type, dropout: float = 0.0) -> tuple[GPTConfig, dict]:
+    """``(config, state_dict)`` of a Hugging Face GPT-2 folder, in minillm's names and layout:
+    :func:`minillm.gpt.load_gpt2` builds the model from them.
 
     ``directory`` holds ``config.json`` and ``model.safetensors`` (or a sharded
     ``model.safetensors.index.json``), e.g. what ``GPT2LMHeadModel.save_pretrained`` writes or
-    a download of ``openai-community/gpt2``. ``dropout`` is the new model's dropout (the
-    checkpoint's ``*_pdrop`` values are a training choice, not part of the weights). The
-    parameters are float32 whatever the file stores (half-precision tensors are upcast). The model
-    comes back in training mode, like any new ``nn.Module``; call ``.eval()`` before inference
-    when ``dropout`` > 0. Every problem with the folder (missing files, an architecture GPT-2
+    a download of ``openai-community/gpt2``. ``config_class`` is :class:`~minillm.gpt.GPTConfig` (passed in,
+    so that this module needs no model). ``dropout`` is the new model's dropout (the checkpoint's
+    ``*_pdrop`` values are a training choice, not part of the weights). The tensors are float32 whatever the
+    file stores (half-precision tensors are upcast). Every problem with the folder (missing files, a GPT-2
     variant minillm does not build, a missing, extra or mis-shaped tensor) is a :class:`MinillmError`.
     """
     directory = checkpoint_folder(directory, "GPT-2")
-    config = gpt2_config_from_hf(read_hf_config(directory), dropout=dropout, source=directory / CONFIG_NAME)
+    config = gpt2_config_from_hf(read_hf_config(directory), config_class, dropout=dropout, source=directory / CONFIG_NAME)
     tensors = read_safetensors_weights(directory, hf_class="GPT2LMHeadModel")
-    state = gpt2_state_from_hf(tensors, config, source=directory)
-    model = GPT(config)
-    model.load_state_dict(state)  # strict: every parameter is set (the shapes were checked above)
-    return model
+    return config, gpt2_state_from_hf(tensors, config, source=directory)
 
 
-def gpt2_config_from_hf(hf_config: dict, dropout: float = 0.0, source: object = CONFIG_NAME) -> GPTConfig:
+def gpt2_config_from_hf(hf_config: dict, config_class: type, dropout: float = 0.0, source: object = CONFIG_NAME
+                        ) -> GPTConfig:
     """The :class:`~minillm.gpt.GPTConfig` of a GPT-2 ``config.json``; refuses what minillm's GPT cannot build.
 
     Missing keys take ``transformers.GPT2Config``'s defaults. minillm's GPT has a 4·n_embd MLP,
@@ -399,7 +405,7 @@ def gpt2_config_from_hf(hf_config: dict, dropout: float = 0.0, source: object = 
     if values["add_cross_attention"]:
         raise MinillmError(f"{source} adds cross-attention, which a decoder-only GPT does not have")
     try:
-        return GPTConfig(vocab_size=values["vocab_size"], block_size=values["n_positions"], n_layer=values["n_layer"],
+        return config_class(vocab_size=values["vocab_size"], block_size=values["n_positions"], n_layer=values["n_layer"],
                          n_head=values["n_head"], n_embd=n_embd, dropout=dropout, bias=True, positions="learned",
                          tie_weights=bool(values["tie_word_embeddings"]),
                          layer_norm_eps=float(values["layer_norm_epsilon"]), activation=ACTIVATIONS_FROM_HF[activation])
@@ -448,25 +454,14 @@ def gpt2_state_from_hf(tensors: dict[str, torch.Tensor], config: GPTConfig, sour
     if tied_copy is not None:
         check_tied_copy(by_name, stored_as, tied_copy, "wte.weight", source)
 
-    c = config.n_embd
     state = {"wte.weight": by_name["wte.weight"], "wpe.weight": by_name["wpe.weight"]}
     for i in range(config.n_layer):
         hf, ours = f"h.{i}.", f"blocks.{i}."
-        for hf_norm, our_norm in (("ln_1", "norm1"), ("ln_2", "norm3")):
-            for kind in ("weight", "bias"):
-                state[f"{ours}{our_norm}.{kind}"] = by_name[f"{hf}{hf_norm}.{kind}"]
-        qkv_weight = by_name[hf + "attn.c_attn.weight"].t()  # (C, 3C) Conv1D -> (3C, C) nn.Linear: rows q | k | v
-        qkv_bias = by_name[hf + "attn.c_attn.bias"]  # (3C,)
-        for projection, weight, bias in zip(("q_proj", "k_proj", "v_proj"), qkv_weight.split(c, dim=0),
-                                            qkv_bias.split(c)):
-            state[f"{ours}self_attn.{projection}.weight"] = weight  # (C, C)
-            state[f"{ours}self_attn.{projection}.bias"] = bias  # (C,)
-        state[ours + "self_attn.out_proj.weight"] = by_name[hf + "attn.c_proj.weight"].t()  # (C, C)
-        state[ours + "self_attn.out_proj.bias"] = by_name[hf + "attn.c_proj.bias"]
-        state[ours + "feed_forward.linear1.weight"] = by_name[hf + "mlp.c_fc.weight"].t()  # (C, 4C) -> (4C, C)
-        state[ours + "feed_forward.linear1.bias"] = by_name[hf + "mlp.c_fc.bias"]
-        state[ours + "feed_forward.linear2.weight"] = by_name[hf + "mlp.c_proj.weight"].t()  # (4C, C) -> (C, 4C)
-        state[ours + "feed_forward.linear2.bias"] = by_name[hf + "mlp.c_proj.bias"]
+        for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias", "attn.c_proj.bias",
+                     "mlp.c_fc.bias", "mlp.c_proj.bias"):
+            state[ours + name] = by_name[hf + name]
+        for name in GPT2_CONV1D:  # (in, out) Conv1D -> (out, in) nn.Linear
+            state[ours + name] = by_name[hf + name].t()
     state["ln_f.weight"], state["ln_f.bias"] = by_name["ln_f.weight"], by_name["ln_f.bias"]
     # Tied, lm_head.weight is wte.weight (the state dict lists the shared matrix under both names).
     state["lm_head.weight"] = by_name["wte.weight"] if config.tie_weights else by_name["lm_head.weight"]
@@ -478,19 +473,19 @@ def gpt2_state_from_hf(tensors: dict[str, torch.Tensor], config: GPTConfig, sour
 # ---------------------------------------------------------------------------------------------
 
 
-def save_gpt2(model: GPT, directory: str | os.PathLike) -> pathlib.Path:
-    """Write ``model`` as a Hugging Face GPT-2 folder; returns the folder.
+def write_gpt2_folder(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: GPTConfig) -> pathlib.Path:
+    """Write a GPT's ``state_dict()`` and config as a Hugging Face GPT-2 folder; returns the folder.
 
     ``config.json`` and ``model.safetensors`` come out as ``GPT2LMHeadModel.save_pretrained``
     writes them (``transformer.``-prefixed names, Conv1D layout, no ``lm_head.weight`` when the
     embeddings are tied), so ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` gives the
-    same logits, and :func:`load_gpt2` gives back the same model. A model without biases
+    same logits, and :func:`read_gpt2_folder` gives back the same weights. A model without biases
     (``bias=False``) is written with zero biases, which computes exactly the same function.
     A model GPT-2 cannot express (rotary positions) is refused before anything is written.
     Each file is written atomically (a temporary name, then a rename), the weights first.
     """
-    tensors = gpt2_state_to_hf(model)  # raises before the folder is touched
-    hf_config = gpt2_config_to_hf(model.config, dtype=model.wte.weight.dtype)
+    tensors = gpt2_state_to_hf(state, config)  # raises before the folder is touched
+    hf_config = gpt2_config_to_hf(config, dtype=state["wte.weight"].dtype)
     return write_hf_folder(directory, tensors, hf_config)
 
 
@@ -530,49 +525,38 @@ def gpt2_config_to_hf(config: GPTConfig, dtype: torch.dtype = torch.float32) -> 
     }
 
 
-def gpt2_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """A ``GPT``'s parameters under GPT-2's names and layout (the inverse of :func:`gpt2_state_from_hf`).
+def gpt2_state_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """A ``GPT.state_dict()`` under GPT-2's names and layout (the inverse of :func:`gpt2_state_from_hf`).
 
     Every tensor is a fresh, contiguous CPU copy (see :func:`_owned`). Missing biases
     (``bias=False``) are written as zeros.
     """
-    if not isinstance(model, GPT):
-        raise MinillmError(f"save_gpt2 writes a minillm GPT, got {type(model).__name__}")
-    config = model.config
-    if config.positions != "learned" or model.wpe is None:
+    if config.positions != "learned" or "wpe.weight" not in state:
         raise MinillmError(f"GPT-2 has learned position embeddings only: a model with positions={config.positions!r} "
                            "cannot be written as a GPT-2 checkpoint")
-    if config.tie_weights and model.lm_head.weight is not model.wte.weight:
+    if config.tie_weights and state["lm_head.weight"].data_ptr() != state["wte.weight"].data_ptr():
         raise MinillmError("the model's config says tie_weights=True but lm_head.weight is not wte.weight: "
                            "set config.tie_weights=False to write both matrices")
+    dtype = state["wte.weight"].dtype
 
-    def bias_of(layer: torch.nn.Module, size: int) -> torch.Tensor:
-        if layer.bias is not None:
-            return _owned(layer.bias)
-        return torch.zeros(size, dtype=layer.weight.dtype)  # no bias is a zero bias
+    def bias(name: str, size: int) -> torch.Tensor:
+        return _owned(state[name]) if name in state else torch.zeros(size, dtype=dtype)  # no bias is a zero bias
 
     c = config.n_embd
-    tensors = {"transformer.wte.weight": _owned(model.wte.weight), "transformer.wpe.weight": _owned(model.wpe.weight)}
-    for i, block in enumerate(model.blocks):
-        layer = f"transformer.h.{i}."
-        attention, feed_forward = block.self_attn, block.feed_forward
-        for hf_norm, norm in (("ln_1", block.norm1), ("ln_2", block.norm3)):
-            tensors[f"{layer}{hf_norm}.weight"] = _owned(norm.weight)
-            tensors[f"{layer}{hf_norm}.bias"] = bias_of(norm, c)
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        qkv_weight = torch.cat([projection.weight for projection in projections], dim=0)  # (3C, C), rows q | k | v
-        tensors[layer + "attn.c_attn.weight"] = _owned(qkv_weight.t())  # (C, 3C), Conv1D layout
-        tensors[layer + "attn.c_attn.bias"] = torch.cat([bias_of(projection, c) for projection in projections])  # (3C,)
-        tensors[layer + "attn.c_proj.weight"] = _owned(attention.out_proj.weight.t())  # (C, C)
-        tensors[layer + "attn.c_proj.bias"] = bias_of(attention.out_proj, c)
-        tensors[layer + "mlp.c_fc.weight"] = _owned(feed_forward.linear1.weight.t())  # (4C, C) -> (C, 4C)
-        tensors[layer + "mlp.c_fc.bias"] = bias_of(feed_forward.linear1, 4 * c)
-        tensors[layer + "mlp.c_proj.weight"] = _owned(feed_forward.linear2.weight.t())  # (C, 4C) -> (4C, C)
-        tensors[layer + "mlp.c_proj.bias"] = bias_of(feed_forward.linear2, c)
-    tensors["transformer.ln_f.weight"] = _owned(model.ln_f.weight)
-    tensors["transformer.ln_f.bias"] = bias_of(model.ln_f, c)
+    tensors = {"transformer.wte.weight": _owned(state["wte.weight"]), "transformer.wpe.weight": _owned(state["wpe.weight"])}
+    for i in range(config.n_layer):
+        layer, ours = f"transformer.h.{i}.", f"blocks.{i}."
+        for name in ("ln_1.weight", "ln_2.weight"):
+            tensors[layer + name] = _owned(state[ours + name])
+        for name, size in (("ln_1.bias", c), ("ln_2.bias", c), ("attn.c_attn.bias", 3 * c), ("attn.c_proj.bias", c),
+                           ("mlp.c_fc.bias", 4 * c), ("mlp.c_proj.bias", c)):
+            tensors[layer + name] = bias(ours + name, size)
+        for name in GPT2_CONV1D:  # (out, in) nn.Linear -> (in, out) Conv1D
+            tensors[layer + name] = _owned(state[ours + name].t())
+    tensors["transformer.ln_f.weight"] = _owned(state["ln_f.weight"])
+    tensors["transformer.ln_f.bias"] = bias("ln_f.bias", c)
     if not config.tie_weights:
-        tensors["lm_head.weight"] = _owned(model.lm_head.weight)
+        tensors["lm_head.weight"] = _owned(state["lm_head.weight"])
     return tensors
 
 
@@ -616,27 +600,25 @@ def bert_hf_names(config: BertConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     return names
 
 
-def load_bert(directory: str | os.PathLike, dropout: float = 0.0) -> BertForPreTraining:
-    """A :class:`~minillm.bert.BertForPreTraining` with the weights of a Hugging Face BERT folder.
+def read_bert_folder(directory: str | os.PathLike, config_class: type, dropout: float = 0.0) -> tuple[BertConfig, dict]:
+    """``(config, state_dict)`` of a Hugging Face BERT folder in minillm's names: :func:`minillm.bert.load_bert`
+    builds the ``BertForPreTraining`` from them.
 
     ``directory`` holds ``config.json`` and ``model.safetensors`` (or a sharded index), as
     ``transformers.BertForPreTraining.save_pretrained`` writes them or as ``google-bert/bert-base-uncased``
     is downloaded: the encoder *and* both pretraining heads (``cls.``); an encoder-only folder is
-    refused (see the module docstring). ``dropout`` is the new model's dropout, whatever the
-    checkpoint's ``hidden_dropout_prob`` says. The parameters are float32 whatever the file stores.
-    The model comes back in training mode; call ``.eval()`` before inference when ``dropout`` > 0.
-    Every problem with the folder is a :class:`MinillmError`.
+    refused (see the module docstring). ``config_class`` is :class:`~minillm.bert.BertConfig`. ``dropout`` is
+    the new model's dropout, whatever the checkpoint's ``hidden_dropout_prob`` says. The tensors are float32
+    whatever the file stores. Every problem with the folder is a :class:`MinillmError`.
     """
     directory = checkpoint_folder(directory, "BERT")
-    config = bert_config_from_hf(read_hf_config(directory), dropout=dropout, source=directory / CONFIG_NAME)
+    config = bert_config_from_hf(read_hf_config(directory), config_class, dropout=dropout, source=directory / CONFIG_NAME)
     tensors = read_safetensors_weights(directory, hf_class="BertForPreTraining")
-    state = bert_state_from_hf(tensors, config, source=directory)
-    model = BertForPreTraining(config)
-    model.load_state_dict(state)  # strict: every parameter is set (the shapes were checked above)
-    return model
+    return config, bert_state_from_hf(tensors, config, source=directory)
 
 
-def bert_config_from_hf(hf_config: dict, dropout: float = 0.0, source: object = CONFIG_NAME) -> BertConfig:
+def bert_config_from_hf(hf_config: dict, config_class: type, dropout: float = 0.0, source: object = CONFIG_NAME
+                        ) -> BertConfig:
     """The :class:`~minillm.bert.BertConfig` of a BERT ``config.json``; refuses what minillm's BERT cannot build.
 
     Missing keys take ``transformers.BertConfig``'s defaults; the mapping and what is refused are
@@ -664,7 +646,7 @@ def bert_config_from_hf(hf_config: dict, dropout: float = 0.0, source: object = 
     if not isinstance(intermediate, int) or intermediate < 1:
         raise MinillmError(f"{source} has intermediate_size {intermediate!r}; it must be a positive integer")
     try:
-        return BertConfig(vocab_size=values["vocab_size"], max_len=values["max_position_embeddings"],
+        return config_class(vocab_size=values["vocab_size"], max_len=values["max_position_embeddings"],
                           n_layer=values["num_hidden_layers"], n_head=values["num_attention_heads"], n_embd=hidden,
                           d_ff=0 if intermediate == 4 * hidden else intermediate, dropout=dropout,
                           type_vocab_size=values["type_vocab_size"], layer_norm_eps=float(values["layer_norm_eps"]),
@@ -705,17 +687,17 @@ def bert_state_from_hf(tensors: dict[str, torch.Tensor], config: BertConfig, sou
     return {ours: by_name[hf] for hf, (ours, _) in names.items()}
 
 
-def save_bert(model: BertForPreTraining, directory: str | os.PathLike) -> pathlib.Path:
-    """Write ``model`` as a Hugging Face BERT folder; returns the folder.
+def write_bert_folder(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: BertConfig) -> pathlib.Path:
+    """Write a ``BertForPreTraining.state_dict()`` and its config as a Hugging Face BERT folder; returns the folder.
 
     ``config.json`` and ``model.safetensors`` come out as ``BertForPreTraining.save_pretrained``
     writes them (the names of the module docstring's table, the tied decoder weight and bias left
     out), so ``transformers.BertForPreTraining.from_pretrained(directory)`` gives the same MLM and
-    NSP logits, and :func:`load_bert` gives back the same model. Each file is written atomically,
-    the weights first; a model that is not a ``BertForPreTraining`` is refused before anything is written.
+    NSP logits, and :func:`read_bert_folder` gives back the same weights. Each file is written atomically,
+    the weights first; a state that is not a ``BertForPreTraining``'s is refused before anything is written.
     """
-    tensors = bert_state_to_hf(model)  # raises before the folder is touched
-    hf_config = bert_config_to_hf(model.config, dtype=model.bert.embeddings.word_embeddings.weight.dtype)
+    tensors = bert_state_to_hf(state, config)  # raises before the folder is touched
+    hf_config = bert_config_to_hf(config, dtype=state["bert.embeddings.word_embeddings.weight"].dtype)
     return write_hf_folder(directory, tensors, hf_config)
 
 
@@ -746,13 +728,10 @@ def bert_config_to_hf(config: BertConfig, dtype: torch.dtype = torch.float32) ->
     }
 
 
-def bert_state_to_hf(model: BertForPreTraining) -> dict[str, torch.Tensor]:
-    """A ``BertForPreTraining``'s parameters under transformers' names (the inverse of :func:`bert_state_from_hf`),
+def bert_state_to_hf(state: dict[str, torch.Tensor], config: BertConfig) -> dict[str, torch.Tensor]:
+    """A ``BertForPreTraining.state_dict()`` under transformers' names (the inverse of :func:`bert_state_from_hf`),
     each a fresh contiguous CPU copy; the tied decoder weight and bias are not written, as ``save_pretrained`` does."""
-    if not isinstance(model, BertForPreTraining):
-        raise MinillmError(f"save_bert writes a minillm BertForPreTraining, got {type(model).__name__}")
-    state = model.state_dict()
-    names = bert_hf_names(model.config)
+    names = bert_hf_names(config)
     mapped = {ours for ours, _ in names.values()}
     if set(state) != mapped:  # the model's layout is not the one the table describes
         odd = sorted(set(state) ^ mapped)

@@ -32,7 +32,7 @@ import time
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from minillm import MinillmError
-from minillm.checkpoint import atomic_write_text, read_json, write_json
+from minillm.files import atomic_write_text, read_json, write_json
 
 __all__ = ["grid", "random_search", "trial_folder_name", "run_trials", "best_trial", "results_table"]
 

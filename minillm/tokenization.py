@@ -27,7 +27,7 @@ from typing import Iterable, Literal, NamedTuple, Sequence
 from tqdm import tqdm
 
 from minillm import MinillmError
-from minillm.checkpoint import read_json, write_json
+from minillm.files import read_json, write_json
 
 UNK = "[UNK]"
 
@@ -531,7 +531,7 @@ def train_wordpiece(texts: str | Iterable[str], vocab_size: int, min_frequency: 
 
 def save_library_tokenizer(tokenizer, path: str | os.PathLike) -> pathlib.Path:
     """Save a ``tokenizers.Tokenizer`` as its single JSON file (atomically)."""
-    from minillm.checkpoint import atomic_write_text
+    from minillm.files import atomic_write_text
 
     return atomic_write_text(path, tokenizer.to_str(pretty=True))
 

@@ -1,24 +1,15 @@
 """One training loop for every model in minillm: GPT and BERT pretraining, fine-tuning, contrastive learning.
 
-What a model-specific part provides is a *task* (duck-typed, see :class:`LanguageModelingTask`):
-
-- ``sample_batch(batch_size, generator, device, rank, world_size)``: a random training batch,
-- ``loss(model, batch) -> tensor``: the mean loss of a batch,
-- ``eval_batches(batch_size, device, max_batches=None)``: a fixed sequence of validation batches (all
-  of the split when ``max_batches`` is None),
-- ``batch_tokens(batch) -> int``: what the throughput counts, and what validation losses are
-  weighted by unless the task has ``eval_weight(batch) -> int`` (e.g. examples, for a classifier);
-- optionally ``evaluate_batch(model, batch) -> (loss, correct)``: a classifier's loss and its number
-  of right predictions in one forward pass, so that validation also reports accuracy and
-  ``--select-by accuracy`` can pick the best model by it.
-
-:class:`Trainer` does the rest, the same way for every task: AdamW (``minillm.optim``, or torch's
-fused kernel), linear warmup then cosine decay, gradient accumulation and clipping, bf16 autocast on
-CUDA and on CPUs with bf16 instructions (``--precision``), ``torch.compile``, an estimate of the validation loss every ``eval_interval`` steps and the
-whole validation split at the end, early stopping, the best model kept, a progress bar with loss,
-tokens/s and ETA, ``<out>/log.jsonl``, a loss curve, and checkpoints that resume exactly. Under
-``torchrun`` it runs data-parallel (DistributedDataParallel): every process draws its share of
-one global batch, gradients are averaged, and only rank 0 writes anything.
+What a model-specific part provides is a *task*: a subclass of :class:`Task` (random training batches,
+the loss, fixed validation batches, what the throughput counts, and for a classifier the number of right
+predictions). :class:`Trainer` does the rest, the same way for every task: AdamW (``minillm.optim``, or
+torch's fused kernel), linear warmup then cosine decay, gradient accumulation and clipping, bf16 autocast
+on CUDA and on CPUs with bf16 instructions (``--precision``), ``torch.compile``, an estimate of the
+validation loss every ``eval_interval`` steps and the whole validation split at the end, early stopping,
+the best model kept, a progress bar with loss, tokens/s and ETA, the run folder's log, loss curve and
+checkpoints that resume exactly (:mod:`minillm.runs`). Under ``torchrun`` it runs data-parallel
+(DistributedDataParallel): every process draws its share of one global batch, gradients are averaged,
+and only rank 0 writes anything.
 """
 
 from __future__ import annotations
@@ -38,16 +29,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minillm import MinillmError, data, optim, plots
-from minillm.checkpoint import (atomic_write_text, load_training_state, save_training_state, save_weights,
-                                write_json)
+from minillm import MinillmError, optim, plots
+from minillm.checkpoint import load_model_state, load_training_state, read_safetensors, save_training_state, save_weights
 from minillm.config import QuickConfig
 from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, pick_device, seed_everything
-
-CHECKPOINT = "checkpoint.safetensors"  # the latest full training state: resume from it
-BEST_MODEL = "model.safetensors"  # the weights with the best validation loss: sample or fine-tune from it
-LOG = "log.jsonl"
-RUN_FILES = ("config.json", CHECKPOINT, BEST_MODEL, LOG, "loss.png", "results.json", "tokenizer.json", "samples.txt")
+from minillm.files import atomic_write_text, write_json
+from minillm.runs import (
+    BEST_MODEL,
+    CHECKPOINT,
+    CONFIG,
+    LOG,
+    LOSS_PLOT,
+    RESULTS,
+    check_run_folder,
+    clear_run_folder,
+    read_log,
+)
 
 
 @dataclass
@@ -194,40 +191,6 @@ class ExampleDraws:
         return self.buckets.sample(count, generator)
 
 
-class LanguageModelingTask:
-    """Random (x, y) blocks of ``block_size`` tokens from ``train_ids``, y = x shifted by one;
-    the loss is the model's mean next-token cross-entropy; validation reads ``val_ids``."""
-
-    loss_unit = "nats/token"  # a mean next-token cross-entropy: exp(loss) is a perplexity
-
-    def __init__(self, train_ids: np.ndarray, val_ids: np.ndarray, block_size: int, eval_seed: int = 0):
-        for name, ids in (("training", train_ids), ("validation", val_ids)):
-            if len(ids) < block_size + 1:
-                raise MinillmError(f"the {name} split has {len(ids):,} tokens, fewer than block_size + 1 = "
-                                   f"{block_size + 1}: use a smaller --block-size or more text")
-        self.train_ids, self.val_ids, self.block_size, self.eval_seed = train_ids, val_ids, block_size, eval_seed
-
-    def sample_batch(self, batch_size: int, generator: torch.Generator, device, rank: int = 0, world_size: int = 1):
-        return data.sample_lm_batch(self.train_ids, batch_size, self.block_size, generator, device, rank, world_size)
-
-    @staticmethod
-    def loss(model, batch) -> torch.Tensor:
-        x, y = batch
-        return model(x, y)[1]
-
-    def eval_batches(self, batch_size: int, device, max_batches: int | None = None) -> Iterator:
-        if max_batches is None:  # the whole split, every block once
-            yield from data.iter_lm_blocks(self.val_ids, self.block_size, batch_size, device)
-            return
-        generator = torch.Generator().manual_seed(self.eval_seed)  # the same batches at every estimate
-        for _ in range(max_batches):
-            yield data.sample_lm_batch(self.val_ids, batch_size, self.block_size, generator, device)
-
-    @staticmethod
-    def batch_tokens(batch) -> int:
-        return batch[0].numel()
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -265,96 +228,77 @@ class TrainResult:
         return math.exp(self.val_loss)
 
 
-def check_run_folder(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds another run, unless told to resume or overwrite it."""
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if resume:
-        if not (out / CHECKPOINT).exists():
-            raise MinillmError(f"nothing to resume: {out / CHECKPOINT} does not exist")
-        return
-    if existing and not overwrite:
-        raise MinillmError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
-                           "--overwrite to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise MinillmError(f"--out {out} is a file, not a folder")
+class Task:
+    """What the loop needs from a model-specific part: every task (:class:`~minillm.pretrain.LanguageModelingTask`,
+    :class:`~minillm.bert_pretraining.BertPretrainingTask`, :class:`~minillm.finetune.ClassificationTask`,
+    :class:`~minillm.contrastive.SimCSETask`) subclasses it and implements the first four methods.
+
+    - ``sample_batch``: a random training batch; under data parallelism every process draws the same global
+      batch (``batch_size x world_size`` examples, from the shared ``generator``) and keeps its rows;
+    - ``loss``: the mean loss of a batch (a scalar tensor);
+    - ``eval_batches``: a fixed sequence of validation batches, all of the split when ``max_batches`` is None;
+    - ``batch_tokens``: what the throughput counts;
+    - ``eval_weight``: what one batch's validation loss is weighted by (tokens unless a task says otherwise,
+      e.g. examples for a classifier);
+    - ``evaluate_batch``: the loss and, for a task with ``counts_correct``, the number of right predictions,
+      from one forward pass, so that validation also reports accuracy (``--select-by accuracy``).
+    """
+
+    loss_unit = "nats"  # what the loss is a mean over, for the plot's label ("nats/token" has a perplexity)
+    counts_correct = False  # True: evaluate_batch counts right predictions (a classifier)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator, device, rank: int = 0, world_size: int = 1):
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_batches(self, batch_size: int, device, max_batches: int | None = None) -> Iterator:
+        raise NotImplementedError
+
+    def batch_tokens(self, batch) -> int:
+        raise NotImplementedError
+
+    def eval_weight(self, batch) -> int:
+        return self.batch_tokens(batch)
+
+    def evaluate_batch(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.loss(model, batch), None
 
 
-def clear_run_folder(out: pathlib.Path) -> None:
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+@dataclass
+class LoopState:
+    """What a checkpoint saves besides weights, optimizer and RNG: where the run stands (resume restores it)."""
+
+    history: list = field(default_factory=list)  # [step, mean training loss] per log interval, for the plot
+    best_val_loss: float = math.inf
+    best_val_accuracy: float = -math.inf
+    best_step: int = -1
+    evals_since_best: int = 0
+    interval_loss_sum: float = 0.0  # the training losses since the last evaluation, summed
+    interval_steps: int = 0
 
 
 class Trainer:
     """Train ``model`` on ``task`` as ``config`` says; see the module docstring.
 
     ``run_info`` is JSON-able and saved as ``<out>/config.json`` and in every checkpoint (e.g. the
-    model's configuration and the tokenizer's file name); on ``--resume`` the run in ``--out``
-    must have been made with the same ``run_info["model"]``.
+    model's configuration and the tokenizer's file name, :func:`minillm.runs.run_info`); on ``--resume``
+    the run in ``--out`` must have been made with the same ``run_info["model"]``.
+
+    :meth:`fit` reads top to bottom: :meth:`_start` (the run folder, seeds, optimizer, resume), then per step
+    :meth:`_step` (forward, backward, clip, update), :meth:`_log_progress` every ``log_interval`` steps, and
+    :meth:`_evaluate_and_checkpoint` every ``eval_interval``; :meth:`_finish` restores the best weights and
+    scores them on the whole validation split.
     """
 
-    def __init__(self, model: torch.nn.Module, task, config: TrainConfig, run_info: dict | None = None,
+    def __init__(self, model: torch.nn.Module, task: Task, config: TrainConfig, run_info: dict | None = None,
                  log: Callable[[str], None] | None = None):
         self.model, self.task, self.config = model, task, config
         self.run_info = run_info or {}
         self.out = pathlib.Path(config.out)
         self.dist, self.device = setup_distributed(config.device)
         self.print = (log or (lambda message: print(message, flush=True))) if self.dist.is_main else (lambda message: None)
-
-    # -- helpers ---------------------------------------------------------------------------------
-
-    def _lr(self, step: int) -> float:
-        c = self.config
-        return optim.warmup_cosine_lr(step, max_lr=c.lr, warmup_steps=c.warmup_iters, total_steps=c.decay_iters,
-                                      min_lr=c.min_lr)
-
-    @torch.no_grad()
-    def evaluate(self, max_batches: int | None) -> tuple[float, float | None]:
-        """``(loss, accuracy)`` on ``max_batches`` fixed validation batches of ``batch_size`` (None: the whole
-        split, in batches 4x larger: without gradients they fit, and larger matmuls run faster): the mean loss,
-        token-weighted (or as the task's ``eval_weight`` says), and the share of right predictions for a task
-        with ``evaluate_batch`` (None for others)."""
-        self.model.eval()
-        total, count, correct, examples = 0.0, 0, 0, 0
-        batch_size = self.config.batch_size * (4 if max_batches is None else 1)
-        weight = getattr(self.task, "eval_weight", self.task.batch_tokens)  # what one unit of loss is counted per
-        scorer = getattr(self.task, "evaluate_batch", None)
-        for batch in self.task.eval_batches(batch_size, self.device, max_batches):
-            with autocast(self.device, precision=self.config.precision):
-                if scorer is None:
-                    loss = self.task.loss(self.model, batch)
-                else:
-                    loss, right = scorer(self.model, batch)
-                    correct, examples = correct + int(right), examples + self.task.eval_weight(batch)
-            n = weight(batch)
-            total, count = total + loss.item() * n, count + n
-        self.model.train()
-        return total / count, (correct / examples if scorer is not None else None)
-
-    def _improves(self, loss: float, accuracy: float | None, state: dict) -> bool:
-        """Is this estimate the best so far: a lower loss, or with ``select_by="accuracy"`` a higher
-        accuracy (an equal one with a lower loss)?"""
-        if self.config.select_by == "loss":
-            return loss < state["best_val_loss"]
-        return (accuracy, -loss) > (state["best_val_accuracy"], -state["best_val_loss"])
-
-    def _save(self, step: int, state: dict) -> None:
-        if self.dist.is_main:
-            save_training_state(self.out / CHECKPOINT, self.model, self.optimizer, step=step,
-                                generators={"data": self.generator},
-                                metadata={"run_info": self.run_info, "train_config": asdict(self.config), **state})
-
-    def _log_eval(self, entry: dict) -> None:
-        if self.dist.is_main:
-            with open(self.out / LOG, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
-
-    def _truncate_log(self, step: int) -> None:
-        """On resume, drop log lines written after the checkpoint (they will be written again)."""
-        path = self.out / LOG
-        if self.dist.is_main and path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                     if line.strip() and json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(line + "\n" for line in lines))
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -363,8 +307,56 @@ class Trainer:
         would (checkpoint saved, run resumable), for tests and demonstrations. ``prepare(out)`` runs
         once the run folder is checked and empty, before training (not on resume): write what the
         run needs beside its checkpoints there, e.g. the tokenizer."""
+        c = self.config
+        step = self._start(prepare)
+        train_model = self._training_model(step)
+        interrupted = self._catch_ctrl_c()
+        self.bar = tqdm(total=c.max_iters, initial=step, desc="training", disable=not (c.progress and self.dist.is_main),
+                        dynamic_ncols=True, mininterval=0.5)
+        start_time = self.interval_start = time.perf_counter()
+        self.interval_tokens = run_tokens = 0
+        # The losses since the last estimate are summed on the device (no host sync per step) in float64,
+        # and saved in checkpoints, so a resumed run adds them up in exactly the same order.
+        self.interval_sum = torch.tensor(self.state.interval_loss_sum, dtype=torch.float64, device=self.device)
+        self.logged = (self.state.interval_loss_sum, self.state.interval_steps)  # (sum, steps) at the last log line
+        stopped_early = False
+        self.model.train()
+        try:
+            while step < c.max_iters:
+                lr = self._lr(step)
+                tokens = self._step(train_model, lr)
+                step += 1
+                self.state.interval_steps += 1
+                self.interval_tokens += tokens
+                run_tokens += tokens
+
+                at_eval = step % c.eval_interval == 0 or step == c.max_iters
+                stopping = interrupted() or (stop_after is not None and step >= stop_after)
+                if step % c.log_interval == 0 or at_eval or stopping:
+                    self._log_progress(step, lr)
+                if at_eval:
+                    stopped_early = self._evaluate_and_checkpoint(step, lr)
+                elif stopping:
+                    self._save(step)
+                if stopped_early:
+                    break
+                if stopping:
+                    self.print(f"\nstopped at step {step:,}; checkpoint saved: continue with --resume")
+                    break
+        finally:
+            self.bar.close()
+            interrupted.restore()
+        seconds = time.perf_counter() - start_time
+        if step < c.max_iters and not stopped_early:  # stopped on request: no final evaluation
+            return TrainResult(step, self.state.best_step, self.state.best_val_loss, math.nan, seconds,
+                               run_tokens / seconds if seconds else 0.0, False, self.out)
+        return self._finish(step, seconds, run_tokens, stopped_early)
+
+    def _start(self, prepare: Callable[[pathlib.Path], None] | None) -> int:
+        """Check (and on --overwrite empty) the run folder, seed, build the optimizer, and on --resume load the
+        checkpoint; returns the step to start from."""
         c, out = self.config, self.out
-        if c.select_by == "accuracy" and not hasattr(self.task, "evaluate_batch"):
+        if c.select_by == "accuracy" and not self.task.counts_correct:
             raise MinillmError("--select-by accuracy needs a classification task (one that counts right predictions)")
         if self.dist.is_main:
             check_run_folder(out, c.resume, c.overwrite)
@@ -379,9 +371,7 @@ class Trainer:
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, c, self.device)
         self.generator = torch.Generator().manual_seed(c.seed)  # the data order: the same in every process
-        state = {"history": [], "best_val_loss": math.inf, "best_val_accuracy": -math.inf, "best_step": -1,
-                 "evals_since_best": 0, "interval_loss_sum": 0.0, "interval_steps": 0}
-        step = 0
+        self.state, step = LoopState(), 0
         if c.resume:
             header = load_training_state(out / CHECKPOINT, self.model, self.optimizer, {"data": self.generator})
             saved_model = header.get("run_info", {}).get("model")
@@ -389,12 +379,16 @@ class Trainer:
                 raise MinillmError(f"the run in {out} was made with model {saved_model}, not {self.run_info.get('model')}: "
                                    "resume with the same model options, or start a new --out")
             step = header["step"]
-            state = {key: header.get(key, default) for key, default in state.items()}
+            self.state = LoopState(**{key: header.get(key, default) for key, default in asdict(LoopState()).items()})
             self._truncate_log(step)
             self.print(f"resuming {out} at step {step:,}")
         if self.dist.is_main:
-            write_json(out / "config.json", {**self.run_info, "train_config": asdict(c)})
+            write_json(out / CONFIG, {**self.run_info, "train_config": asdict(c)})
+        return step
 
+    def _training_model(self, step: int) -> torch.nn.Module:
+        """The model the steps run: compiled where it pays (``--compile``), wrapped in DDP under torchrun."""
+        c = self.config
         use_compile = c.compile == "yes" or (c.compile == "auto" and self.device.type == "cuda")
         maybe_compile(self.model, self.device, enabled=use_compile, log=self.print)
         train_model = self.model
@@ -402,139 +396,187 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             train_model = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
-        tokens_per_step = 0
         if self.device.type == "cpu":
             keep_freed_memory()  # every step's activations reuse the last step's pages, no page faults
         self.print(f"training on {describe_device(self.device, c.precision)}"
                    + (f", {self.dist.world_size} processes" if self.dist.enabled else "")
-                   + f": {sum(p.numel() for p in self.model.parameters()):,} parameters, steps {step:,} -> {c.max_iters:,}, "
-                   f"{c.batch_size * c.grad_accum * self.dist.world_size} examples per step")
+                   + f": {sum(p.numel() for p in self.model.parameters()):,} parameters, steps "
+                   f"{step:,} -> {c.max_iters:,}, {c.batch_size * c.grad_accum * self.dist.world_size} "
+                   "examples per step")
+        return train_model
 
-        interrupted = {"flag": False}
-        previous_handler = None
-        if not self.dist.enabled and self.dist.is_main and _in_main_thread():
-            def on_sigint(signum, frame):  # first Ctrl-C: finish the step, checkpoint, stop; second: stop now
-                interrupted["flag"] = True
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    def _step(self, train_model: torch.nn.Module, lr: float) -> int:
+        """One optimizer step: ``grad_accum`` micro-batches forward and backward (gradients synchronized across
+        processes on the last one only), clipping, the update. Returns the tokens it trained on, all processes."""
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens = 0
+        for micro_step in range(c.grad_accum):
+            batch = self.task.sample_batch(c.batch_size, self.generator, self.device, self.dist.rank, self.dist.world_size)
+            last = micro_step == c.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
+            with sync:
+                with autocast(self.device, precision=c.precision):
+                    loss = self.task.loss(train_model, batch) / c.grad_accum
+                loss.backward()
+            self.interval_sum += loss.detach().double()
+            tokens = self.task.batch_tokens(batch) * c.grad_accum * self.dist.world_size
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return tokens
 
-        bar = tqdm(total=c.max_iters, initial=step, desc="training", disable=not (c.progress and self.dist.is_main),
-                   dynamic_ncols=True, mininterval=0.5)
-        start_time = interval_start = time.perf_counter()
-        interval_tokens = run_tokens = 0
-        # The losses since the last estimate are summed on the device (no host sync per step) in float64,
-        # and saved in checkpoints, so a resumed run adds them up in exactly the same order.
-        interval_sum = torch.tensor(state["interval_loss_sum"], dtype=torch.float64, device=self.device)
-        logged_sum, logged_steps = state["interval_loss_sum"], state["interval_steps"]
-        stopped_early = False
-        self.model.train()
-        try:
-            while step < c.max_iters:
-                lr = self._lr(step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                for micro_step in range(c.grad_accum):
-                    batch = self.task.sample_batch(c.batch_size, self.generator, self.device, self.dist.rank,
-                                                   self.dist.world_size)
-                    last = micro_step == c.grad_accum - 1
-                    sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
-                    with sync:
-                        with autocast(self.device, precision=c.precision):
-                            loss = self.task.loss(train_model, batch) / c.grad_accum
-                        loss.backward()
-                    interval_sum += loss.detach().double()
-                    tokens_per_step = self.task.batch_tokens(batch) * c.grad_accum * self.dist.world_size
-                if c.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                state["interval_steps"] += 1
-                interval_tokens += tokens_per_step
-                run_tokens += tokens_per_step
+    def _log_progress(self, step: int, lr: float) -> None:
+        """The one host sync per log interval: the mean training loss since the last log line, on the progress
+        bar and in the history; a loss that is no longer finite stops the run, keeping the last good checkpoint."""
+        state = self.state
+        state.interval_loss_sum = self.interval_sum.item()
+        if not math.isfinite(state.interval_loss_sum):
+            raise MinillmError(
+                f"training diverged: the loss became {state.interval_loss_sum} by step {step:,}. The last "
+                f"good checkpoint ({self.out / CHECKPOINT}, if any) is kept; try a lower --lr or --grad-clip")
+        logged_sum, logged_steps = self.logged
+        mean_loss = (state.interval_loss_sum - logged_sum) / (state.interval_steps - logged_steps)
+        self.logged = (state.interval_loss_sum, state.interval_steps)
+        state.history.append([step, mean_loss])
+        elapsed = time.perf_counter() - self.interval_start
+        tokens_per_s = self.interval_tokens / elapsed if elapsed > 0 else 0.0
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.update(step - self.bar.n)
 
-                at_eval = step % c.eval_interval == 0 or step == c.max_iters
-                stopping = interrupted["flag"] or (stop_after is not None and step >= stop_after)
-                if step % c.log_interval == 0 or at_eval or stopping:
-                    state["interval_loss_sum"] = interval_sum.item()  # the one host sync per log interval
-                    if not math.isfinite(state["interval_loss_sum"]):
-                        raise MinillmError(
-                            f"training diverged: the loss became {state['interval_loss_sum']} by step {step:,}. The last "
-                            f"good checkpoint ({out / CHECKPOINT}, if any) is kept; try a lower --lr or --grad-clip")
-                    mean_loss = (state["interval_loss_sum"] - logged_sum) / (state["interval_steps"] - logged_steps)
-                    logged_sum, logged_steps = state["interval_loss_sum"], state["interval_steps"]
-                    state["history"].append([step, mean_loss])
-                    elapsed = time.perf_counter() - interval_start
-                    tokens_per_s = interval_tokens / elapsed if elapsed > 0 else 0.0
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                    bar.update(step - bar.n)
-                if at_eval:
-                    val_loss, val_accuracy = self.evaluate(c.eval_iters)
-                    train_loss = state["interval_loss_sum"] / state["interval_steps"]
-                    elapsed = time.perf_counter() - interval_start
-                    entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                             "tokens_per_s": interval_tokens / elapsed if elapsed > 0 else 0.0}
-                    self._log_eval(entry if val_accuracy is None else {**entry, "val_accuracy": val_accuracy})
-                    message = f"step {step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
-                    message += "" if val_accuracy is None else f", val accuracy {val_accuracy:.1%}"
-                    bar.write(message) if not bar.disable else self.print(message)
-                    state["interval_loss_sum"], state["interval_steps"] = 0.0, 0
-                    interval_sum.zero_()
-                    logged_sum, logged_steps = 0.0, 0
-                    if self._improves(val_loss, val_accuracy, state):
-                        state["best_val_loss"], state["best_step"], state["evals_since_best"] = val_loss, step, 0
-                        state["best_val_accuracy"] = -math.inf if val_accuracy is None else val_accuracy
-                        if self.dist.is_main:
-                            save_weights(out / BEST_MODEL, self.model, {"run_info": self.run_info, "step": step,
-                                                                        "val_loss": val_loss})
-                    else:
-                        state["evals_since_best"] += 1
-                    self._save(step, state)
-                    interval_start, interval_tokens = time.perf_counter(), 0
-                    if c.patience and state["evals_since_best"] >= c.patience:
-                        self.print(f"early stopping: no improvement in {c.patience} estimates; best was step {state['best_step']:,}")
-                        stopped_early = True
-                        break
-                elif stopping:
-                    self._save(step, state)
-                if stopping:
-                    self.print(f"\nstopped at step {step:,}; checkpoint saved: continue with --resume")
-                    break
-        finally:
-            bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
-        seconds = time.perf_counter() - start_time
-        if step < c.max_iters and not stopped_early:  # stopped on request: no final evaluation
-            return TrainResult(step, state["best_step"], state["best_val_loss"], math.nan, seconds,
-                               run_tokens / seconds if seconds else 0.0, False, out)
-        return self._finish(step, state, seconds, run_tokens, stopped_early)
+    def _evaluate_and_checkpoint(self, step: int, lr: float) -> bool:
+        """Estimate the validation loss (and accuracy), log it, keep the weights if they are the best so far,
+        save a checkpoint, and start a new interval. Returns True when early stopping ends the run."""
+        c, state = self.config, self.state
+        val_loss, val_accuracy = self.evaluate(c.eval_iters)
+        train_loss = state.interval_loss_sum / state.interval_steps
+        elapsed = time.perf_counter() - self.interval_start
+        entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                 "tokens_per_s": self.interval_tokens / elapsed if elapsed > 0 else 0.0}
+        self._log_eval(entry if val_accuracy is None else {**entry, "val_accuracy": val_accuracy})
+        message = f"step {step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+        message += "" if val_accuracy is None else f", val accuracy {val_accuracy:.1%}"
+        self.bar.write(message) if not self.bar.disable else self.print(message)
+        state.interval_loss_sum, state.interval_steps = 0.0, 0
+        self.interval_sum.zero_()
+        self.logged = (0.0, 0)
+        if self._improves(val_loss, val_accuracy):
+            state.best_val_loss, state.best_step, state.evals_since_best = val_loss, step, 0
+            state.best_val_accuracy = -math.inf if val_accuracy is None else val_accuracy
+            if self.dist.is_main:
+                save_weights(self.out / BEST_MODEL, self.model, {"run_info": self.run_info, "step": step,
+                                                                 "val_loss": val_loss})
+        else:
+            state.evals_since_best += 1
+        self._save(step)
+        self.interval_start, self.interval_tokens = time.perf_counter(), 0
+        if c.patience and state.evals_since_best >= c.patience:
+            self.print(f"early stopping: no improvement in {c.patience} estimates; best was step {state.best_step:,}")
+            return True
+        return False
 
-    def _finish(self, step: int, state: dict, seconds: float, run_tokens: int, stopped_early: bool) -> TrainResult:
+    def _finish(self, step: int, seconds: float, run_tokens: int, stopped_early: bool) -> TrainResult:
         """Restore the best weights, evaluate on the whole validation split, write results and the loss curve."""
-        from minillm.checkpoint import load_model_state, read_safetensors
-
-        out = self.out
+        out, state = self.out, self.state
         if self.dist.enabled:
             dist.barrier()  # rank 0 has written the best weights
         if (out / BEST_MODEL).exists():
             tensors, _ = read_safetensors(out / BEST_MODEL)
             load_model_state(self.model, tensors, str(out / BEST_MODEL))
         val_loss, val_accuracy = self.evaluate(None)
-        result = TrainResult(step, state["best_step"], state["best_val_loss"], val_loss, seconds,
+        result = TrainResult(step, state.best_step, state.best_val_loss, val_loss, seconds,
                              run_tokens / seconds if seconds else 0.0, stopped_early, out, val_accuracy)
-        loss_unit = getattr(self.task, "loss_unit", "nats")  # only a per-token loss has a perplexity
+        loss_unit = self.task.loss_unit  # only a per-token loss has a perplexity
         perplexity = f", perplexity {result.val_perplexity:.2f}" if loss_unit == "nats/token" else ""
         accuracy = "" if val_accuracy is None else f", accuracy {val_accuracy:.1%}"
         self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}{accuracy}")
         if self.dist.is_main:
-            write_json(out / "results.json", {"steps": step, "best_step": result.best_step,
-                                              "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,
-                                              "val_perplexity": result.val_perplexity, "train_seconds": seconds,
-                                              "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early,
-                                              **({} if val_accuracy is None else {"val_accuracy": val_accuracy})})
+            write_json(out / RESULTS, {"steps": step, "best_step": result.best_step,
+                                       "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,
+                                       "val_perplexity": result.val_perplexity, "train_seconds": seconds,
+                                       "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early,
+                                       **({} if val_accuracy is None else {"val_accuracy": val_accuracy})})
             plot_run(out, ylabel=f"loss ({loss_unit})")
         return result
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _lr(self, step: int) -> float:
+        c = self.config
+        return optim.warmup_cosine_lr(step, max_lr=c.lr, warmup_steps=c.warmup_iters, total_steps=c.decay_iters,
+                                      min_lr=c.min_lr)
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None) -> tuple[float, float | None]:
+        """``(loss, accuracy)`` on ``max_batches`` fixed validation batches of ``batch_size`` (None: the whole
+        split, in batches 4x larger: without gradients they fit, and larger matmuls run faster): the mean loss,
+        weighted by the task's ``eval_weight``, and the share of right predictions for a task that counts them
+        (None for others)."""
+        self.model.eval()
+        total, count, correct, examples = 0.0, 0, 0, 0
+        batch_size = self.config.batch_size * (4 if max_batches is None else 1)
+        for batch in self.task.eval_batches(batch_size, self.device, max_batches):
+            with autocast(self.device, precision=self.config.precision):
+                loss, right = self.task.evaluate_batch(self.model, batch)
+            n = self.task.eval_weight(batch)
+            total, count = total + loss.item() * n, count + n
+            if right is not None:
+                correct, examples = correct + int(right), examples + n
+        self.model.train()
+        return total / count, (correct / examples if self.task.counts_correct else None)
+
+    def _improves(self, loss: float, accuracy: float | None) -> bool:
+        """Is this estimate the best so far: a lower loss, or with ``select_by="accuracy"`` a higher
+        accuracy (an equal one with a lower loss)?"""
+        if self.config.select_by == "loss":
+            return loss < self.state.best_val_loss
+        return (accuracy, -loss) > (self.state.best_val_accuracy, -self.state.best_val_loss)
+
+    def _save(self, step: int) -> None:
+        if self.dist.is_main:
+            save_training_state(self.out / CHECKPOINT, self.model, self.optimizer, step=step,
+                                generators={"data": self.generator},
+                                metadata={"run_info": self.run_info, "train_config": asdict(self.config),
+                                          **asdict(self.state)})
+
+    def _log_eval(self, entry: dict) -> None:
+        if self.dist.is_main:
+            with open(self.out / LOG, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """On resume, drop log lines written after the checkpoint (they will be written again)."""
+        path = self.out / LOG
+        if self.dist.is_main and path.exists():
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                     if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+    def _catch_ctrl_c(self) -> "_CtrlC":
+        return _CtrlC(enabled=not self.dist.enabled and self.dist.is_main and _in_main_thread())
+
+
+class _CtrlC:
+    """The first Ctrl-C sets a flag (the loop finishes its step, checkpoints and stops); a second one stops at
+    once. Calling the object asks whether Ctrl-C was pressed; :meth:`restore` puts the old handler back."""
+
+    def __init__(self, enabled: bool):
+        self.pressed, self.previous = False, None
+        if enabled:
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __call__(self) -> bool:
+        return self.pressed
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _in_main_thread() -> bool:
@@ -543,17 +585,9 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def read_log(out: str | os.PathLike) -> list[dict]:
-    """The eval lines of ``<out>/log.jsonl``."""
-    path = pathlib.Path(out) / LOG
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
-
-
 def plot_run(out: str | os.PathLike, ylabel: str = "loss (nats/token)") -> pathlib.Path | None:
     """``<out>/loss.png``: the training loss at every log interval and the validation estimates.
     ``ylabel`` names the loss's unit: per token for a language model, per example for a classifier."""
-    from minillm.checkpoint import read_safetensors
-
     out = pathlib.Path(out)
     log = read_log(out)
     if not log:
@@ -563,4 +597,4 @@ def plot_run(out: str | os.PathLike, ylabel: str = "loss (nats/token)") -> pathl
     if history:
         curves["train (per log interval)"] = ([h[0] for h in history], [h[1] for h in history])
     curves["validation (estimate)"] = ([e["step"] for e in log], [e["val_loss"] for e in log])
-    return plots.plot_loss_curves(curves, out / "loss.png", title=f"Training loss: {out.name}", ylabel=ylabel)
+    return plots.plot_loss_curves(curves, out / LOSS_PLOT, title=f"Training loss: {out.name}", ylabel=ylabel)

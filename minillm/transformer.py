@@ -23,8 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.layers import (Activation, DecoderBlock, EncoderBlock, LayerNorm, LearnedPositionalEmbedding,
-                            SinusoidalPositionalEncoding)
+from minillm.layers import (
+    Activation,
+    DecoderBlock,
+    EncoderBlock,
+    LayerNorm,
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEncoding,
+)
 
 
 @dataclass

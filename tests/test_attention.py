@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm.attention import KVCache, MultiHeadAttention, causal_mask, fused_attention, scaled_dot_product_attention
 

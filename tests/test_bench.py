@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from minillm.__main__ import main
-from minillm.bench import PEAK_BF16, ReferenceGPT, flops_per_token, peak_flops
 from minillm.gpt import GPT, GPTConfig
+from minillm.nanogpt import ReferenceGPT
+from minillm.timing import PEAK_BF16, flops_per_token, peak_flops
 
 
 def test_flops_per_token_is_six_n_plus_the_attention_term():
@@ -38,13 +39,12 @@ def test_the_reference_model_computes_the_same_function_as_gpt_given_the_same_we
         reference.wpe.weight.copy_(ours.wpe.weight)
         reference.ln_f.weight.copy_(ours.ln_f.weight)
         for block, theirs in zip(ours.blocks, reference.blocks):
-            attention = block.self_attn
-            theirs["c_attn"].weight.copy_(torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]))
-            theirs["c_proj"].weight.copy_(attention.out_proj.weight)
-            theirs["ln_1"].weight.copy_(block.norm1.weight)
-            theirs["ln_2"].weight.copy_(block.norm3.weight)
-            theirs["c_fc"].weight.copy_(block.feed_forward.linear1.weight)
-            theirs["mlp_proj"].weight.copy_(block.feed_forward.linear2.weight)
+            theirs["c_attn"].weight.copy_(block.attn.c_attn.weight)
+            theirs["c_proj"].weight.copy_(block.attn.c_proj.weight)
+            theirs["ln_1"].weight.copy_(block.ln_1.weight)
+            theirs["ln_2"].weight.copy_(block.ln_2.weight)
+            theirs["c_fc"].weight.copy_(block.mlp.c_fc.weight)
+            theirs["mlp_proj"].weight.copy_(block.mlp.c_proj.weight)
     idx = torch.randint(0, 11, (3, 8))
     ours_logits, ours_loss = ours(idx, idx)
     theirs_logits, theirs_loss = reference(idx, idx)
@@ -89,7 +89,7 @@ def test_whole_runs_refuse_a_missing_corpus_before_running_anything(tmp_path, ca
 def test_the_bert_benchmark_batch_is_a_pretraining_batch():
     """[CLS] A [SEP] B [SEP], segment B after the middle [SEP], about 15% of the ordinary tokens to predict,
     labels only there (the original ids), [MASK] shown in their place."""
-    from minillm.bench import bert_pretraining_batch
+    from minillm.commands.bench import bert_pretraining_batch
 
     batch = bert_pretraining_batch(vocab_size=1000, batch_size=64, length=32, generator=torch.Generator().manual_seed(0),
                                    device="cpu")

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from minillm import MinillmError
 from minillm.__main__ import main
 from minillm.bert import BertConfig, BertForPreTraining, BertForSequenceClassification
-from minillm.pretrain import BertPretrainingTask
+from minillm.bert_pretraining import BertPretrainingTask
+from minillm.runs import load_model
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
@@ -214,7 +215,7 @@ def test_pretrain_bert_runs_and_reports_held_out_mlm_and_nsp_accuracy(tmp_path, 
     assert 0 <= results["mlm_accuracy"] <= 1 and 0 <= results["nsp_accuracy"] <= 1 and results["masked_tokens"] > 0
     for name in ("tokenizer.json", "model.safetensors", "checkpoint.safetensors", "log.jsonl", "loss.png"):
         assert (out / name).exists(), name
-    model = BertForPreTraining.from_run(out)
+    model = load_model(out, expect="bert")
     assert model.config.n_embd == 32
     sst2 = tmp_path / "bert-sst2"  # SST-2's phrases, cut in two, instead of the reviews
     assert main(["pretrain", "bert", "--quick", "--data", "sst2", "--out", str(sst2), "--device", "cpu"]) == 0

@@ -16,7 +16,8 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm import data, datasets
 

@@ -15,8 +15,15 @@ import pytest
 import torch
 
 from minillm import MinillmError, optim
-from minillm.checkpoint import (load_model_state, load_training_state, read_safetensors, save_training_state,
-                                save_weights, tied_names, unique_state_dict)
+from minillm.checkpoint import (
+    load_model_state,
+    load_training_state,
+    read_safetensors,
+    save_training_state,
+    save_weights,
+    tied_names,
+    unique_state_dict,
+)
 from minillm.gpt import GPT, GPTConfig
 
 

@@ -8,12 +8,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from minillm.bert import BertConfig, BertForPreTraining
-from minillm.contrastive import (SimCSETask, alignment, embed_sentences, fit_logistic_regression, info_nce,
-                                 logistic_regression_probe, nearest_centroid_probe, pca_2d, plot_embeddings_2d,
-                                 sentence_embeddings, set_dropout, uniformity)
+from minillm.contrastive import (
+    SimCSETask,
+    alignment,
+    embed_sentences,
+    fit_logistic_regression,
+    info_nce,
+    logistic_regression_probe,
+    nearest_centroid_probe,
+    pca_2d,
+    plot_embeddings_2d,
+    sentence_embeddings,
+    set_dropout,
+    uniformity,
+)
 
 sizes = st.integers(1, 9)
 dims = st.integers(1, 7)

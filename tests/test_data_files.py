@@ -4,7 +4,6 @@ import hashlib
 import re
 
 import pytest
-
 from conftest import REPO_ROOT
 
 DATA = REPO_ROOT / "data"
@@ -41,10 +40,10 @@ def test_shipped_bert_fills_in_movie_review_words():
     """The shipped BERT is a model that learned the reviews, not just its file's bytes: for blanks whose answer
     any reader of reviews knows, the right word is among its five most probable."""
     from minillm import datasets
-    from minillm.finetune import load_pretrained
-    from minillm.pretrain import fill_in
+    from minillm.bert_pretraining import fill_in
+    from minillm.runs import load_run
 
-    model, tokenizer = load_pretrained(datasets.shipped_bert_path())
+    model, tokenizer, _ = load_run(datasets.shipped_bert_path())
     model.eval()
     for sentence, word in (("the worst film i have ever [MASK] .", "seen"), ("i [MASK] this movie .", "love"),
                            ("this movie was [MASK] good .", "very")):

@@ -14,7 +14,8 @@ import unicodedata
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm import MinillmError, data
 

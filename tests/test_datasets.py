@@ -5,10 +5,10 @@ from __future__ import annotations
 import gzip
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm import MinillmError, datasets
-
 
 # ---------------------------------------------------------------------------------------------
 # SST-2
@@ -182,3 +182,15 @@ def test_imdb_splits_hold_out_a_slice_of_train_and_score_on_a_fixed_stratified_t
     assert len(splits.test) == 1000 and sum(label for _, label in splits.test) == 500
     assert splits.name == "IMDB test (1,000 of 25,000, stratified)"
     assert datasets.imdb_splits(0.1, seed=2, test_limit=1000).test == splits.test  # the same subset for every run seed
+
+
+def test_sst2_sentences_are_whole_training_sentences_that_share_no_text_with_dev():
+    """The SimCSE corpus (chapter 10): phrases inside no other phrase, none inside or around a dev sentence."""
+    train, dev = datasets.sst2_sentences(limit=3000)
+    phrases = [" ".join(p.lower().split()) for p in datasets.read_sst2("train")[0][:3000]]
+    keys = [" ".join(text.lower().split()) for text, _ in train]
+    assert len(dev) == 872 and 0 < len(train) < 3000 and len(set(keys)) == len(keys)
+    padded = [f" {p} " for p in phrases]
+    assert not any(f" {key} " in other and f" {key} " != other for key in keys[:200] for other in padded)
+    dev_keys = [f" {' '.join(text.lower().split())} " for text, _ in dev]
+    assert not any(f" {key} " in d or d in f" {key} " for key in keys for d in dev_keys)

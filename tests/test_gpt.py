@@ -8,12 +8,14 @@ frequencies of many samples match softmax(logits / T) within binomial error boun
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minillm import MinillmError
 from minillm.gpt import GPT, GPTConfig, sample_next_token
@@ -51,9 +53,10 @@ def test_init_follows_gpt2_and_the_output_layer_is_tied():
     assert model.lm_head.weight is model.wte.weight
     residual_std = 0.02 / math.sqrt(2 * 8)
     for block in model.blocks:
-        assert block.self_attn.out_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
-        assert block.feed_forward.linear2.weight.std().item() == pytest.approx(residual_std, rel=0.05)
-        assert block.feed_forward.linear1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert block.attn.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+        assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+        assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
     untied = GPT(GPTConfig(vocab_size=500, block_size=64, n_layer=1, n_head=4, n_embd=128, tie_weights=False))
     assert untied.num_parameters() == GPT(GPTConfig(vocab_size=500, block_size=64, n_layer=1, n_head=4,
@@ -180,3 +183,44 @@ def test_last_only_returns_the_last_positions_logits():
     last, _ = model(idx, last_only=True)
     torch.testing.assert_close(last, full[:, -1:])
     assert F.softmax(last, -1).sum(-1).allclose(torch.ones(2, 1))
+
+
+def test_the_hand_written_attention_path_gives_the_fused_kernels_logits():
+    """``attn.fused = False`` swaps PyTorch's SDPA kernel for minillm's own formula: the same function."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)).double().eval()
+    idx = torch.randint(0, 30, (3, 16))
+    fused = model(idx)[0]
+    for block in model.blocks:
+        block.attn.fused = False
+    torch.testing.assert_close(model(idx)[0], fused, rtol=1e-10, atol=1e-12)  # float64: only rounding differs
+
+
+def test_a_gpt_run_saved_with_the_old_block_names_still_loads(tmp_path):
+    """minillm 0.1 saved GPT blocks as norm1 / self_attn.{q,k,v}_proj / feed_forward.linear1 ...; today's names are
+    GPT-2's. runs.load_model renames, and the model computes what the old one did."""
+    from safetensors.torch import save_file
+
+    from minillm import runs
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    model = GPT(config).eval()
+    old = {}
+    for name, tensor in model.state_dict().items():
+        if ".attn.c_attn." in name:
+            prefix, kind = name.split(".attn.c_attn.")
+            for part, chunk in zip("qkv", tensor.chunk(3)):
+                old[f"{prefix}.self_attn.{part}_proj.{kind}"] = chunk.clone()
+            continue
+        for new_name, old_name in (("ln_1.", "norm1."), ("ln_2.", "norm3."), ("attn.c_proj.", "self_attn.out_proj."),
+                                   ("mlp.c_fc.", "feed_forward.linear1."), ("mlp.c_proj.", "feed_forward.linear2.")):
+            name = name.replace(f".{new_name}", f".{old_name}")
+        old[name] = tensor
+    (tmp_path / "run").mkdir()
+    save_file({name: t.contiguous() for name, t in old.items() if name != "lm_head.weight"},  # tied: stored once
+              tmp_path / "run" / "model.safetensors")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(runs.run_info("gpt", config)))
+    loaded = runs.load_model(tmp_path / "run", expect="gpt").eval()
+    idx = torch.randint(0, 30, (2, 16))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])

@@ -33,13 +33,13 @@ import tempfile
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minillm import MinillmError
-from minillm.bert import BertConfig, BertForPreTraining, BertForSequenceClassification
-from minillm.gpt import GPT, GPTConfig
-from minillm.hf import load_bert, load_gpt2, save_bert, save_gpt2
+from minillm.bert import BertConfig, BertForPreTraining, BertForSequenceClassification, load_bert, save_bert
+from minillm.gpt import GPT, GPTConfig, load_gpt2, save_gpt2
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -334,8 +334,10 @@ def test_configs_minillm_cannot_build_are_refused(hf_folder, changes, message):
 
 
 def test_n_inner_of_four_times_n_embd_is_accepted(hf_folder):
-    edit_config(hf_folder, n_inner=64)
-    load_gpt2(hf_folder)
+    n_embd = json.loads((hf_folder / "config.json").read_text())["n_embd"]
+    edit_config(hf_folder, n_inner=4 * n_embd)
+    model = load_gpt2(hf_folder)
+    assert model.blocks[0].mlp.c_fc.out_features == 4 * n_embd
 
 
 def test_a_missing_tensor_is_named(hf_folder):

@@ -9,7 +9,8 @@ import math
 import statistics
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm import MinillmError
 from minillm.hpsearch import best_trial, grid, random_search, results_table, run_trials, trial_folder_name

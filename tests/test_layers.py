@@ -15,11 +15,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from minillm.layers import (GELU, DecoderBlock, EncoderBlock, FeedForward, LayerNorm, LearnedPositionalEmbedding,
-                            RotaryEmbedding, SinusoidalPositionalEncoding, gelu, layer_norm, load_torch_layer_weights,
-                            make_activation, sinusoidal_table)
+from minillm.layers import (
+    GELU,
+    DecoderBlock,
+    EncoderBlock,
+    FeedForward,
+    LayerNorm,
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    gelu,
+    layer_norm,
+    load_torch_layer_weights,
+    make_activation,
+    sinusoidal_table,
+)
 
 F64 = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)

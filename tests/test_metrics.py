@@ -13,11 +13,21 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from sklearn import metrics as sk
 
-from minillm.metrics import (accuracy, bleu, bleu_details, classification_metrics, confusion_matrix, exact_match,
-                             ngram_counts, perplexity, precision_recall_f1)
+from minillm.metrics import (
+    accuracy,
+    bleu,
+    bleu_details,
+    classification_metrics,
+    confusion_matrix,
+    exact_match,
+    ngram_counts,
+    perplexity,
+    precision_recall_f1,
+)
 
 # A small alphabet makes n-gram matches (and clipping) common; no token contains whitespace, so
 # sacrebleu's tokenize="none", which splits on spaces, sees exactly our tokens.

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
 from minillm.__main__ import main
-from minillm.pretrain import load_run, sample_text
+from minillm.pretrain import sample_text
+from minillm.runs import load_run
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
         "--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2", "--warmup-iters", "1", "--no-progress",
@@ -58,7 +58,7 @@ def test_a_bpe_run_loads_back_with_its_own_tokenizer(tmp_path, corpus):
     out = tmp_path / "bpe"
     assert main(["pretrain", "gpt", "--data", str(corpus), "--out", str(out), "--tokenizer", "bpe", "--vocab-size",
                  "280", *TINY]) == 0
-    model, tokenizer = load_run(out)
+    model, tokenizer, _ = load_run(out)
     assert len(tokenizer) == 280 and model.config.vocab_size == 280
     assert sample_text(model, tokenizer, "To be", 5, temperature=0).startswith("To be")
 

@@ -12,13 +12,24 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from minillm import MinillmError, data, datasets
 from minillm.tokenization import (
-    SPECIAL_TOKENS, BPETokenizer, CharTokenizer, UnknownCharacterError, bpe_vocab_overlap, bytes_to_unicode,
-    compression, load_library_tokenizer, pretokenize, save_library_tokenizer, special_token_ids, train_library_bpe,
+    SPECIAL_TOKENS,
+    BPETokenizer,
+    CharTokenizer,
+    UnknownCharacterError,
+    bpe_vocab_overlap,
+    bytes_to_unicode,
+    compression,
+    load_library_tokenizer,
+    pretokenize,
+    save_library_tokenizer,
+    special_token_ids,
+    train_library_bpe,
     train_wordpiece,
 )
 

@@ -20,12 +20,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from minillm import MinillmError
 from minillm.checkpoint import read_safetensors
 from minillm.gpt import GPT, GPTConfig
-from minillm.train import BEST_MODEL, CHECKPOINT, LanguageModelingTask, Trainer, TrainConfig, read_log
+from minillm.pretrain import LanguageModelingTask
+from minillm.runs import BEST_MODEL, CHECKPOINT, read_log
+from minillm.train import TrainConfig, Trainer
 
 MODEL = dict(vocab_size=7, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.1)
 
@@ -178,6 +180,11 @@ class ScriptedValidationTask:
     @staticmethod
     def batch_tokens(batch):
         return 1 if isinstance(batch, float) else batch[0].numel()
+
+    eval_weight = batch_tokens
+
+    def evaluate_batch(self, model, batch):
+        return self.loss(model, batch), None
 
 
 def test_early_stopping_keeps_and_restores_the_best_model(tmp_path):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from minillm import benchmark, checkpoint, gradcheck, plots
+from minillm import files, gradcheck, plots, timing
 from minillm.layers import MLP
 
 
@@ -24,6 +26,18 @@ def test_numerical_gradient_matches_autograd_in_float64(seed, n):
     torch.testing.assert_close(numeric, gradcheck.autograd_gradient(f, x), rtol=1e-6, atol=1e-8)
 
 
+def assert_drawn(path) -> None:
+    """A PNG with something drawn on it: not a blank canvas (a plot that silently drew nothing fails)."""
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)  # (H, W, channels), floats in [0, 1]
+    assert pixels.shape[0] >= 100 and pixels.shape[1] >= 100
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]).round(2), axis=0)
+    assert len(colours) > 20, f"{path.name} looks blank: {len(colours)} colours"
+    assert (pixels[..., :3] < 0.5).mean() > 0.002, f"{path.name} has (almost) no dark ink: no text, axes or lines"
+
+
 def test_gradient_check_catches_a_wrong_derivative():
     x = torch.linspace(-1, 1, 5, dtype=torch.float64)
     wrong = 2 * x  # derivative of x^3 is 3x^2, not 2x
@@ -32,7 +46,7 @@ def test_gradient_check_catches_a_wrong_derivative():
 
 def test_time_callable_returns_the_median_after_warmup():
     calls = []
-    assert benchmark.time_callable(lambda: calls.append(1), warmup=2, repeats=5) >= 0
+    assert timing.time_callable(lambda: calls.append(1), warmup=2, repeats=5) >= 0
     assert len(calls) == 7
 
 
@@ -52,7 +66,7 @@ def test_plots_are_written_as_png_files(tmp_path):
         plots.plot_trajectories_2d(lambda x, y: x**2 + y**2, {"gd": [(1, 1), (0.5, 0.5)]}, tmp_path / "paths.png", (-2, 2), (-2, 2)),
     ]
     for path in paths:
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_drawn(path)
 
 
 def test_attention_heatmaps_are_written_for_one_map_or_a_stack(tmp_path):
@@ -62,7 +76,7 @@ def test_attention_heatmaps_are_written_for_one_map_or_a_stack(tmp_path):
     single = plots.plot_attention(weights[0].numpy(), tmp_path / "one.png")
     grid = plots.plot_attention(torch.rand(3, 2, 2), tmp_path / "grid.png", columns=2)  # 2 x 2, one cell left empty
     for path in (stack, single, grid):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_drawn(path)
 
 
 @pytest.mark.parametrize("bad", [torch.rand(5), torch.rand(1, 2, 3, 4), torch.rand(0, 3)])
@@ -79,14 +93,14 @@ def test_attention_heatmap_refuses_labels_that_do_not_fit(tmp_path):
 
 def test_grouped_bars_are_written_and_need_one_value_per_label(tmp_path):
     path = plots.plot_bars({"T=0.5": [0.7, 0.2, 0.1], "T=2": [0.4, 0.3, 0.3]}, ["a", "b", "c"], tmp_path / "bars.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_drawn(path)
     with pytest.raises(ValueError, match="one value per label"):
         plots.plot_bars({"x": [1.0]}, ["a", "b"], tmp_path / "bad.png")
 
 
 def test_heatmap_is_written_for_signed_and_unsigned_matrices_and_refuses_other_shapes(tmp_path):
     for name, matrix in (("signed", torch.randn(5, 4)), ("unsigned", torch.rand(5, 4).numpy())):
-        assert plots.plot_heatmap(matrix, tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_drawn(plots.plot_heatmap(matrix, tmp_path / f"{name}.png"))
     with pytest.raises(ValueError, match="2-D"):
         plots.plot_heatmap(torch.rand(2, 3, 4), tmp_path / "bad.png")
 
@@ -95,7 +109,8 @@ def test_confusion_matrix_plot_is_written_for_counts_and_refuses_mismatched_labe
     for name, matrix in (("list", [[50, 3], [7, 40]]), ("tensor", torch.tensor([[5, 0, 1], [0, 0, 0], [2, 1, 9]]))):
         labels = ["negative", "positive"] if name == "list" else ["a", "b", "c"]  # the tensor has an empty row
         path = plots.plot_confusion_matrix(matrix, labels, tmp_path / "sub" / f"{name}.png", title=name)
-        assert path == tmp_path / "sub" / f"{name}.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path == tmp_path / "sub" / f"{name}.png"
+        assert_drawn(path)
     with pytest.raises(ValueError, match="3 labels for a 2-class"):
         plots.plot_confusion_matrix([[1, 2], [3, 4]], ["a", "b", "c"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="square"):
@@ -104,15 +119,15 @@ def test_confusion_matrix_plot_is_written_for_counts_and_refuses_mismatched_labe
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     target = tmp_path / "results.json"
-    checkpoint.write_json(target, {"step": 1})
+    files.write_json(target, {"step": 1})
 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
-        checkpoint.write_json(target, {"step": 2})
-    assert checkpoint.read_json(target) == {"step": 1}
+        files.write_json(target, {"step": 2})
+    assert files.read_json(target) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left behind
 
 
@@ -129,7 +144,7 @@ def test_mlp_has_the_requested_widths_and_no_final_activation():
 def test_scatter_is_written_with_labels_on_a_log_axis_and_refuses_ragged_series(tmp_path):
     series = {"grid": ([1e-4, 1e-3, 1e-2], [0.6, 0.7, 0.5]), "random": ([3e-4], [0.65])}
     path = plots.plot_scatter(series, tmp_path / "scatter.png", logx=True, labels={"random": ["r 8"]})
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_drawn(path)
     with pytest.raises(ValueError, match="as many ys"):
         plots.plot_scatter({"x": ([1.0, 2.0], [1.0])}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="labels"):

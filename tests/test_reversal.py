@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm.device import seed_everything
-from minillm.toy_tasks import (IGNORE_INDEX, AttentionOnlyModel, attention_mass_on, reversal_batch, sequence_accuracy,
-                               train_reversal)
+from minillm.reversal import (
+    IGNORE_INDEX,
+    AttentionOnlyModel,
+    attention_mass_on,
+    reversal_batch,
+    sequence_accuracy,
+    train_reversal,
+)
 
 
 @given(seed=st.integers(0, 2**31 - 1), max_len=st.integers(1, 12), data=st.data())

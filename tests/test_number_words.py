@@ -5,10 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from minillm.seq2seq import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocabulary, detokenize, evaluate, label_smoothing_floor,
-                             make_batch, number_dataset, number_to_words, train_seq2seq)
+from minillm.number_words import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Vocabulary,
+    detokenize,
+    evaluate,
+    label_smoothing_floor,
+    make_batch,
+    number_dataset,
+    number_to_words,
+    train_seq2seq,
+)
 from minillm.transformer import Transformer, TransformerConfig
 
 SMALL = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "

@@ -1,7 +1,8 @@
 """The main job: every chapter's real work, one stage after another, with a summary at the end.
 
-Each stage runs a chapter script in its own process and writes ``<out>/<stage>/results.json``
-last, atomically; a stage whose results exist (from a run of the same size) is not redone, so
+Each stage runs a chapter script in its own process, as a module (``python -m minillm.chapters.chNN_<topic>``:
+the scripts ship inside the package, so the main job needs no checkout of the repository), and writes
+``<out>/<stage>/results.json`` last, atomically; a stage whose results exist (from a run of the same size) is not redone, so
 an interrupted pipeline resumes where it stopped. At the end a Markdown table of every stage's
 headline numbers is printed and saved as ``<out>/summary.md``, next to the stages' PNG plots.
 
@@ -14,34 +15,31 @@ unlabelled reviews (07), and fine-tuning on SST-2 with 1,000 labels and with all
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from minillm import MinillmError
-from minillm.checkpoint import atomic_write_text, read_json
+from minillm import MinillmError, runs
 from minillm.config import QuickConfig
+from minillm.files import atomic_write_text, read_json
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-# (stage name, chapter script, what it does, extra arguments; "{out}" is the pipeline's run folder)
-STAGES: list[tuple[str, str, str, list[str]]] = [
-    ("ch01_hello_pytorch", "chapters/ch01_hello_pytorch.py", "tensors, autograd, a training loop, torch.compile", []),
-    ("ch02_gradient_descent", "chapters/ch02_gradient_descent.py", "linear regression by hand; optimizers race on SST-2", []),
-    ("ch03_tokenization", "chapters/ch03_tokenization.py", "cleaning; char, BPE and WordPiece tokenizers trained and compared", []),
-    ("ch04_attention", "chapters/ch04_attention.py", "attention by hand; an attention-only model learns to reverse", []),
-    ("ch05_transformer", "chapters/ch05_transformer.py", "an encoder-decoder Transformer learns number words -> digits", []),
-    ("ch06_gpt", "chapters/ch06_gpt.py", "GPT pretrained on Tiny Shakespeare; samples; the KV cache", []),
-    ("ch07_bert", "chapters/ch07_bert.py", "BERT pretrained on IMDB's unlabelled reviews: masked LM + next sentence; fill-in",
-     []),
-    ("ch08_finetune", "chapters/ch08_finetune.py", "chapter 07's BERT and the shipped BERT, pretrained vs random init, "
+# (stage name = the chapter's module in minillm.chapters, what it does, extra arguments; "{out}": the run folder)
+STAGES: list[tuple[str, str, list[str]]] = [
+    ("ch01_hello_pytorch", "tensors, autograd, a training loop, torch.compile", []),
+    ("ch02_gradient_descent", "linear regression by hand; optimizers race on SST-2", []),
+    ("ch03_tokenization", "cleaning; char, BPE and WordPiece tokenizers trained and compared", []),
+    ("ch04_attention", "attention by hand; an attention-only model learns to reverse", []),
+    ("ch05_transformer", "an encoder-decoder Transformer learns number words -> digits", []),
+    ("ch06_gpt", "GPT pretrained on Tiny Shakespeare; samples; the KV cache", []),
+    ("ch07_bert", "BERT pretrained on IMDB's unlabelled reviews: masked LM + next sentence; fill-in", []),
+    ("ch08_finetune", "chapter 07's BERT and the shipped BERT, pretrained vs random init, "
      "fine-tuned on SST-2 with 1,000 labels and all", ["--bert", "{out}/ch07_bert"]),
-    ("ch09_efficient", "chapters/ch09_efficient.py", "head-only, top layers, adapters, LoRA, prompt tuning; grid and random "
+    ("ch09_efficient", "head-only, top layers, adapters, LoRA, prompt tuning; grid and random "
      "search (the shipped BERT)", []),
-    ("ch10_contrastive", "chapters/ch10_contrastive.py", "SimCSE sentence embeddings, probed before and after (the shipped BERT)",
-     []),
+    ("ch10_contrastive", "SimCSE sentence embeddings, probed before and after (the shipped BERT)", []),
 ]
 # The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
 MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
@@ -65,7 +63,7 @@ class PipelineConfig(QuickConfig):
                 raise ValueError(f"unknown stage(s) {', '.join(unknown)}: choose from main, all, {', '.join(known)}")
 
     @property
-    def selected(self) -> list[tuple[str, str, str, list[str]]]:
+    def selected(self) -> list[tuple[str, str, list[str]]]:
         names = {"main": MAIN_STAGES, "all": [name for name, *_ in STAGES]}.get(self.stages, self.stages.split(","))
         names = set(names) | {NEEDS[name] for name in names if name in NEEDS}  # a stage brings what it reads
         return [stage for stage in STAGES if stage[0] in names]
@@ -76,7 +74,7 @@ class PipelineConfig(QuickConfig):
 
 
 def _finished(stage_dir: pathlib.Path, quick: bool) -> bool:
-    results = stage_dir / "results.json"
+    results = stage_dir / runs.RESULTS
     if not results.exists():
         return False
     try:
@@ -92,17 +90,17 @@ def run_pipeline(config: PipelineConfig) -> pathlib.Path:
     size = "quick" if config.quick else "full"
     print(f"minillm pipeline ({size}): {len(selected)} stage(s) into {out}/", flush=True)
     timings: dict[str, float] = {}
-    for index, (name, script, what, extra) in enumerate(selected, start=1):
+    for index, (name, what, extra) in enumerate(selected, start=1):
         stage_dir = out / name
         header = f"[{index}/{len(selected)}] {name}: {what}"
         if _finished(stage_dir, config.quick) and not config.force:
             print(f"{header} -- already done, skipped (--force redoes it)", flush=True)
             continue
-        script_path = REPO_ROOT / script
-        if not script_path.exists():
-            raise MinillmError(f"{script_path} is missing: run the pipeline from a full checkout of the repository")
+        module = f"minillm.chapters.{name}"
+        if importlib.util.find_spec(module) is None:
+            raise MinillmError(f"the chapter module {module} is missing: reinstall minillm (pip install -e .)")
         print(f"\n{header}", flush=True)
-        command = [sys.executable, str(script_path), "--out", str(stage_dir)] + (["--quick"] if config.quick else [])
+        command = [sys.executable, "-m", module, "--out", str(stage_dir)] + (["--quick"] if config.quick else [])
         command += [arg.replace("{out}", str(out)) for arg in extra]
         start = time.perf_counter()
         returncode = subprocess.run(command).returncode
@@ -115,13 +113,13 @@ def run_pipeline(config: PipelineConfig) -> pathlib.Path:
     return summary_path
 
 
-def write_summary(out: pathlib.Path, stages: list[tuple[str, str, str, list[str]]], timings: dict[str, float]) -> pathlib.Path:
+def write_summary(out: pathlib.Path, stages: list[tuple[str, str, list[str]]], timings: dict[str, float]) -> pathlib.Path:
     """A Markdown table of every stage's headline numbers (the ``summary`` of its results.json)."""
     lines = ["# minillm pipeline summary", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} into `{out}/`.", "",
              "| stage | result | value |", "| --- | --- | --- |"]
     plots = []
     for name, *_ in stages:
-        results = read_json(out / name / "results.json")
+        results = read_json(out / name / runs.RESULTS)
         for metric, value in results.get("summary", {}).items():
             lines.append(f"| {name} | {metric} | {value} |")
         if name in timings:

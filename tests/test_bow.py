@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minillm import bow
 from minillm.tokenization import WordTokenizer
@@ -54,5 +55,5 @@ def test_bag_of_words_training_learns_a_separable_toy_problem():
     bags = bow.encode_bags(tokenizer, sentences, labels)
     torch.manual_seed(0)
     model = bow.BagOfWordsClassifier(len(tokenizer), embed_dim=8)
-    history = bow.train(model, torch.optim.Adam(model.parameters(), lr=0.05), bags, bags, steps=60, batch_size=16, eval_every=20)
+    history = bow.fit(model, torch.optim.Adam(model.parameters(), lr=0.05), bags, bags, steps=60, batch_size=16, eval_every=20)
     assert history.dev_accuracy[-1] == 1.0 and history.train_loss[-1] < history.train_loss[0]
