@@ -133,13 +133,13 @@ def _model_classes() -> dict[str, tuple[Callable, Callable]]:
             "bert-encoder": (BertConfig.from_dict, Bert)}
 
 
-def load_model(path: str | os.PathLike, expect: str | None = None) -> nn.Module:
+def load_model(path: str | os.PathLike, expect: str | None = None, config: dict | None = None) -> nn.Module:
     """The model of a run folder (or of a ``.safetensors`` file in one), built from its config.json and
     loaded with :func:`weights_file`: a :class:`~minillm.gpt.GPT`, a :class:`~minillm.bert.BertForPreTraining`
     or a :class:`~minillm.bert.Bert` encoder. ``expect`` (a model type) refuses any other kind."""
     path = pathlib.Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
-    model_info = dict(read_config(folder).get("model", {}))
+    model_info = dict((config if config is not None else read_config(folder)).get("model", {}))
     kind = model_info.pop("type", None)
     classes = _model_classes()
     if expect is not None and kind != expect:
@@ -163,11 +163,11 @@ def load_model(path: str | os.PathLike, expect: str | None = None) -> nn.Module:
     return model
 
 
-def load_tokenizer(folder: str | os.PathLike):
+def load_tokenizer(folder: str | os.PathLike, config: dict | None = None):
     """The tokenizer a run folder names in its config.json: minillm's own (``CharTokenizer``,
     ``BPETokenizer``) or a ``tokenizers`` library one (WordPiece, BPE), told apart by the file."""
     folder = pathlib.Path(folder)
-    path = folder / read_config(folder).get("tokenizer", TOKENIZER)
+    path = folder / (config if config is not None else read_config(folder)).get("tokenizer", TOKENIZER)
     if not path.is_file():
         raise MinillmError(f"{folder} has no tokenizer ({path.name})")
     try:
@@ -190,8 +190,9 @@ def load_run(path: str | os.PathLike, device="cpu", expect: str | None = None) -
     ``device`` in eval mode. ``expect``: the model type wanted (``"gpt"``, ``"bert"``), any other refused."""
     path = pathlib.Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
-    model = load_model(path, expect=expect)
-    return LoadedRun(model.to(device).eval(), load_tokenizer(folder), read_config(folder))
+    config = read_config(folder)  # read once, for the model, the tokenizer and the caller
+    model = load_model(path, expect=expect, config=config)
+    return LoadedRun(model.to(device).eval(), load_tokenizer(folder, config), config)
 
 
 # ---------------------------------------------------------------------------------------------
