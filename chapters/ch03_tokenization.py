@@ -115,7 +115,7 @@ def compare(title: str, train_text: str | list[str], held_out: str, vocab_size: 
 
 def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
-    shakespeare = data.read_text_file(datasets.data_path("tinyshakespeare.txt"))[: config.n_chars or None]
+    shakespeare = data.read_text_file(datasets.tiny_shakespeare_path())[: config.n_chars or None]
     sst2, sst2_dev = datasets.read_sst2("train")[0][: config.n_sst2 or None], datasets.read_sst2("dev")[0]
     results = {"cleaning": cleaning(shakespeare, sst2, sst2_dev, config.dedup_min_chars)}
 

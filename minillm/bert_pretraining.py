@@ -253,7 +253,7 @@ def bert_corpus(config: BertPretrainConfig, log=print):
     extra_text: list[str] = []
     if config.data == "sst2":
         phrases = datasets.read_sst2("train")[0][: config.sst2_limit or None]
-        train_phrases, val_phrases = data.leak_free_split(phrases, config.val_fraction, seed=config.seed)
+        train_phrases, val_phrases = datasets.leak_free_split(phrases, config.val_fraction, seed=config.seed)
         documents = None
         train_docs = data.sst2_documents(train_phrases, seed=config.seed)
         val_docs = data.sst2_documents(val_phrases, seed=config.seed + 1)

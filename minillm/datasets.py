@@ -3,7 +3,8 @@
 ``data/`` (next to this package; ``MINILLM_DATA_DIR`` points elsewhere) holds, with sources,
 licences and checksums in data/README.md:
 
-- Tiny Shakespeare (``tinyshakespeare.txt``): chapters 03 and 06 read it as one text;
+- Tiny Shakespeare (``tinyshakespeare.txt``): chapters 03 and 06 read it as one text, split 90/10
+  (:func:`text_splits`, nanoGPT's split, so that numbers compare);
 - GLUE SST-2 (``sst2/train.tsv``, ``sst2/dev.tsv``): 67,349 labelled phrases and the 872 dev
   sentences every SST-2 result is reported on (:func:`read_sst2`, :func:`sst2_splits`);
 - IMDB, the Large Movie Review Dataset (Maas et al., 2011; ``imdb/*.gz``): 50,000 unlabelled
@@ -13,7 +14,9 @@ licences and checksums in data/README.md:
 
 :func:`pretraining_reviews` is the unlabelled reviews minus every review that also occurs in the
 IMDB test split (269 of them do, as released): nothing a model is scored on is in its pretraining
-text. Every reading error is a :class:`minillm.MinillmError` with one sentence naming the file.
+text. :func:`leak_free_split` is the leak check of the SST-2 splits: no held-out phrase is part of a training
+phrase, nor the other way round. Every reading error is a :class:`minillm.MinillmError` with one sentence
+naming the file.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from minillm import MinillmError
-from minillm.data import HTML_LINE_BREAK, leak_free_split, read_text_file, text_key
+from minillm.data import HTML_LINE_BREAK, read_text_file
 
 DATA_ENV = "MINILLM_DATA_DIR"
 
@@ -60,6 +63,30 @@ config.json, tokenizer.json, model.safetensors, log.jsonl; data/README.md says h
 def shipped_bert_path() -> pathlib.Path:
     """The run folder of the shipped, longer-pretrained BERT (:data:`SHIPPED_BERT`); an error if it is missing."""
     return data_path(*SHIPPED_BERT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny Shakespeare (or any text file a language model trains on)
+# ---------------------------------------------------------------------------------------------
+
+TINY_SHAKESPEARE = "tinyshakespeare.txt"
+
+
+def tiny_shakespeare_path() -> pathlib.Path:
+    """The shipped Tiny Shakespeare (Karpathy's char-rnn corpus, 1,115,394 characters)."""
+    return data_path(TINY_SHAKESPEARE)
+
+
+def text_splits(path: str | os.PathLike, val_fraction: float = 0.1) -> tuple[str, str]:
+    """A text file as ``(train_text, val_text)``: the first ``1 - val_fraction`` of its characters train, the
+    rest validates. For Tiny Shakespeare and ``val_fraction=0.1`` this is nanoGPT's split, so validation
+    losses compare with its published ones. A cut in the text, not a shuffle: the held-out part is later
+    scenes, never lines interleaved with the training ones."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    text = read_text_file(path)
+    n_train = int(len(text) * (1.0 - val_fraction))
+    return text[:n_train], text[n_train:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +234,49 @@ def pretraining_reviews(test_texts: Sequence[str] | None = None, path: str | os.
 
 
 # ---------------------------------------------------------------------------------------------
+# The leak check: no held-out text inside a training text, nor the other way round
+# ---------------------------------------------------------------------------------------------
+
+
+def text_key(text: str) -> str:
+    """The form in which two texts are compared for leaks: lowercased, whitespace runs collapsed to one space."""
+    return " ".join(text.lower().split())
+
+
+def leak_free_split(texts: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A seeded random train/validation split in which no validation text occurs inside a training text.
+
+    SST-2's training phrases are nested pieces of the same parse trees ("a caricature" is part of
+    "become a caricature", which is part of a whole sentence), so a held-out phrase that is part of
+    a training phrase would let masked-LM accuracy on it measure memory rather than language.
+    First ``round(len(texts) * val_fraction)`` texts (at least 1, at most all but one) are picked
+    for validation with ``random.Random(seed).sample(range(len(texts)), n)``; then every picked
+    text that occurs as a substring of some unpicked text, both lowercased with whitespace runs
+    collapsed to one space, is moved to training. One pass suffices: a moved text lies inside a
+    training text, so whatever lies inside it does too.
+
+    The other direction leaks too: a held-out sentence *contains* its own phrases, and SST-2 has
+    them as separate training texts. So, finally, every training text that occurs inside a validation
+    text is dropped (on all of SST-2 with ``val_fraction=0.02`` that is a few thousand short phrases
+    of 67,349): neither split then holds a piece of the other.
+
+    Returns ``(train, val)``, each in the order of ``texts``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if len(texts) < 2:
+        raise ValueError(f"cannot split {len(texts)} text(s) into training and validation sets")
+    n_val = min(max(round(len(texts) * val_fraction), 1), len(texts) - 1)
+    picked = set(random.Random(seed).sample(range(len(texts)), n_val))
+    keys = [text_key(text) for text in texts]  # no key contains "\n" ...
+    training_text = "\n".join(key for i, key in enumerate(keys) if i not in picked)  # ... so no match spans two texts
+    in_val = [i in picked and keys[i] not in training_text for i in range(len(texts))]
+    validation_text = "\n".join(key for key, v in zip(keys, in_val) if v)
+    train = [text for text, key, v in zip(texts, keys, in_val) if not v and key not in validation_text]
+    return train, [text for text, v in zip(texts, in_val) if v]
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits for fine-tuning: train / held-out (early stopping) / the split results are reported on
 # ---------------------------------------------------------------------------------------------
 
@@ -223,7 +293,7 @@ class LabelledSplits:
 
 
 def sst2_splits(val_fraction: float = 0.1, seed: int = 0, limit: int = 0) -> LabelledSplits:
-    """SST-2 train (phrases) split leak-free into train / val (:func:`minillm.data.leak_free_split`: no
+    """SST-2 train (phrases) split leak-free into train / val (:func:`leak_free_split`: no
     training phrase is part of a validation phrase or the other way round), and SST-2 dev (872
     sentences) to report on. A validation phrase survives the leak check only if it is a whole
     sentence, so ``val_fraction=0.1`` holds out ~740 sentences.

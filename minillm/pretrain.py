@@ -7,7 +7,7 @@
 
 - :class:`LanguageModelingTask`: random blocks of a token stream, the next-token loss, for the shared loop.
 - :func:`pretrain_gpt`: the whole run from a :class:`GPTPretrainConfig`. The first 90% of the text trains,
-  the last 10% validates (nanoGPT's split of Tiny Shakespeare, so numbers compare); the run folder
+  the last 10% validates (:func:`minillm.datasets.text_splits`: nanoGPT's split of Tiny Shakespeare); the run folder
   (:mod:`minillm.runs`) gets the tokenizer, the weights, the log, the loss curve and ``samples.txt``.
 - :func:`pretrain_gpt_on_reviews`: chapter 08's GPT, pretrained on IMDB's reviews with a BERT's tokenizer.
 - :func:`sample_text`: prompt in, text out (``python -m minillm generate`` is :mod:`minillm.commands.generate`).
@@ -120,7 +120,7 @@ class GPTPretrainConfig(TrainConfig):
 
     @property
     def corpus_path(self) -> pathlib.Path:
-        return pathlib.Path(self.data) if self.data else datasets.data_path("tinyshakespeare.txt")
+        return pathlib.Path(self.data) if self.data else datasets.tiny_shakespeare_path()
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
@@ -129,18 +129,16 @@ class GPTPretrainConfig(TrainConfig):
 
 def tokenize_corpus(config: GPTPretrainConfig, log=print):
     """Read the corpus, build the tokenizer (BPE learns from the training split only) and encode both splits."""
-    text = data.read_text_file(config.corpus_path)
-    n_train = int(len(text) * (1.0 - config.val_fraction))
-    train_text, val_text = text[:n_train], text[n_train:]
+    train_text, val_text = datasets.text_splits(config.corpus_path, config.val_fraction)
     start = time.perf_counter()
     if config.tokenizer == "char":
-        tokenizer = CharTokenizer.train(text)  # nanoGPT's vocabulary: every character of the file
+        tokenizer = CharTokenizer.train(train_text + val_text)  # nanoGPT's vocabulary: every character of the file
     else:
         tokenizer = BPETokenizer.train(train_text, config.vocab_size)
     dtype = data.token_dtype(len(tokenizer))
     train_ids = np.asarray(tokenizer.encode(train_text), dtype=dtype)
     val_ids = np.asarray(tokenizer.encode(val_text), dtype=dtype)
-    log(f"{config.corpus_path}: {len(text):,} characters -> {config.tokenizer} tokenizer of {len(tokenizer):,} tokens -> "
+    log(f"{config.corpus_path}: {len(train_text) + len(val_text):,} characters -> {config.tokenizer} tokenizer of {len(tokenizer):,} tokens -> "
         f"{len(train_ids):,} training / {len(val_ids):,} validation tokens ({time.perf_counter() - start:.1f} s)")
     return tokenizer, train_ids, val_ids
 
@@ -152,11 +150,10 @@ def pretrain_gpt(config: GPTPretrainConfig, stop_after: int | None = None, log=p
     seed_everything(config.seed)
     if config.resume:  # the tokenizer of the run being continued, so the ids mean the same
         tokenizer = load_tokenizer(out / runs.TOKENIZER)
-        text = data.read_text_file(config.corpus_path)
-        n_train = int(len(text) * (1.0 - config.val_fraction))
+        train_text, val_text = datasets.text_splits(config.corpus_path, config.val_fraction)
         dtype = data.token_dtype(len(tokenizer))
-        train_ids = np.asarray(tokenizer.encode(text[:n_train]), dtype=dtype)
-        val_ids = np.asarray(tokenizer.encode(text[n_train:]), dtype=dtype)
+        train_ids = np.asarray(tokenizer.encode(train_text), dtype=dtype)
+        val_ids = np.asarray(tokenizer.encode(val_text), dtype=dtype)
     else:
         tokenizer, train_ids, val_ids = tokenize_corpus(config, log)
     task = LanguageModelingTask(train_ids, val_ids, config.block_size, eval_seed=config.seed)

@@ -19,7 +19,8 @@ FLOORS = [
     # foundations: errors, files, devices, configs, plots, timing, metrics, the chapter 01-02 math
     {"minillm", "files", "device", "config", "plots", "timing", "metrics", "gradcheck", "linreg", "optim"},
     # data and text: readers, cleaning, batching, tokenizers, checkpoints
-    {"data", "datasets", "tokenization", "checkpoint", "hpsearch"},
+    {"data", "data.cleaning", "data.padding", "data.lm_blocks", "data.masking", "data.nsp", "datasets", "tokenization",
+     "checkpoint", "hpsearch"},
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
     # the models

@@ -482,7 +482,7 @@ def test_leak_free_split_leaves_no_text_of_one_split_inside_a_text_of_the_other(
     unpicked key to training, drop every training text that lies inside a validation text. Then
     no key of one split is a substring of a key of the other, both keep input order, and the same
     seed gives the same split."""
-    train, val = data.leak_free_split(texts, val_fraction, seed=seed)
+    train, val = datasets.leak_free_split(texts, val_fraction, seed=seed)
     n_val = min(max(round(len(texts) * val_fraction), 1), len(texts) - 1)
     picked = set(random.Random(seed).sample(range(len(texts)), n_val))
     unpicked_keys = [key(t) for i, t in enumerate(texts) if i not in picked]
@@ -492,7 +492,7 @@ def test_leak_free_split_leaves_no_text_of_one_split_inside_a_text_of_the_other(
     # training keeps the rest, except the pieces of validation texts
     assert train == [t for t, v in zip(texts, in_val) if not v and not any(key(t) in other for other in val_keys)]
     assert not any(key(v) in key(t) or key(t) in key(v) for v in val for t in train)  # no piece either way
-    assert data.leak_free_split(texts, val_fraction, seed=seed) == (train, val)
+    assert datasets.leak_free_split(texts, val_fraction, seed=seed) == (train, val)
 
 
 def test_leak_free_split_moves_nested_phrases_and_refuses_bad_arguments():
@@ -501,11 +501,11 @@ def test_leak_free_split_moves_nested_phrases_and_refuses_bad_arguments():
     texts = ["A  good film", "good", "bad", "a GOOD film indeed"]
     vals = set()
     for seed in range(20):
-        train, val = data.leak_free_split(texts, 0.25, seed=seed)
+        train, val = datasets.leak_free_split(texts, 0.25, seed=seed)
         assert len(val) <= 1 and set(train + val) <= set(texts)
         vals.update(val)
     assert vals == {"bad", "a GOOD film indeed"}  # 20 seeds pick each of the four with probability 1 - (3/4)^20 > 0.99
     with pytest.raises(ValueError, match="val_fraction"):
-        data.leak_free_split(texts, 1.0)
+        datasets.leak_free_split(texts, 1.0)
     with pytest.raises(ValueError, match="cannot split"):
-        data.leak_free_split(["only one"], 0.5)
+        datasets.leak_free_split(["only one"], 0.5)

@@ -194,3 +194,19 @@ def test_sst2_sentences_are_whole_training_sentences_that_share_no_text_with_dev
     assert not any(f" {key} " in other and f" {key} " != other for key in keys[:200] for other in padded)
     dev_keys = [f" {' '.join(text.lower().split())} " for text, _ in dev]
     assert not any(f" {key} " in d or d in f" {key} " for key in keys for d in dev_keys)
+
+
+def test_text_splits_cut_tiny_shakespeare_where_nanogpt_does():
+    """nanoGPT's prepare.py: ``n = len(data); train = data[:int(n*0.9)]; val = data[int(n*0.9):]``."""
+    text = datasets.tiny_shakespeare_path().read_text(encoding="utf-8")
+    train_text, val_text = datasets.text_splits(datasets.tiny_shakespeare_path())
+    assert len(text) == 1_115_394
+    assert train_text == text[: int(len(text) * 0.9)] and val_text == text[int(len(text) * 0.9):]
+    assert len(train_text) == 1_003_854
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 1.0, -0.1])
+def test_text_splits_refuse_a_fraction_outside_zero_to_one(tmp_path, val_fraction):
+    (tmp_path / "t.txt").write_text("some text\n")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        datasets.text_splits(tmp_path / "t.txt", val_fraction)

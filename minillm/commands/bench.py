@@ -337,7 +337,7 @@ def run_whole_runs(config: BenchConfig, device: torch.device) -> dict:
     (its wall time counts everything: start-up, tokenizing, training, the whole-split evaluation, a sample, the
     plot); nanoGPT's counts from launch until its loop ends. Reports median wall times and validation losses."""
     preset, shape, batch_size = _shape(config, device)
-    corpus = config.data or str(datasets.data_path("tinyshakespeare.txt"))
+    corpus = config.data or str(datasets.tiny_shakespeare_path())
     data.read_text_file(corpus)  # a missing or binary corpus is one error before anything runs
     sizes = {name: shape[name] for name in ("n_layer", "n_head", "n_embd", "block_size")}
     warmup = min(100, config.max_iters // 2)  # both recipes warm up for 100 steps (fewer in a tiny run)
