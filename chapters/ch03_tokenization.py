@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from minillm import data, datasets, plots
+from minillm import data, datasets, plots, runs
 from minillm.config import QuickConfig, run_chapter
 from minillm.files import write_json
 from minillm.tokenization import (
@@ -115,6 +115,7 @@ def compare(title: str, train_text: str | list[str], held_out: str, vocab_size: 
 
 def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
+    runs.check_results_folder(out)  # tokenizers, token files and results: never into a training run's folder
     shakespeare = data.read_text_file(datasets.tiny_shakespeare_path())[: config.n_chars or None]
     sst2, sst2_dev = datasets.read_sst2("train")[0][: config.n_sst2 or None], datasets.read_sst2("dev")[0]
     results = {"cleaning": cleaning(shakespeare, sst2, sst2_dev, config.dedup_min_chars)}
@@ -138,8 +139,7 @@ def main(config: Config) -> dict:
           f"decodes exactly\n   first merges {bpe.token_strings(range(256, 266))}\n   longest tokens {bpe.token_strings(longest)}")
     results["bpe"] = {"train_seconds": train_seconds, "encode_seconds": encode_seconds, "tokens": len(ids)}
 
-    n_train = int(0.9 * len(shakespeare))
-    train_text, held_out = shakespeare[:n_train], shakespeare[n_train:]
+    train_text, held_out = datasets.split_text(shakespeare)  # nanoGPT's 90/10
     results["shakespeare"], tokenizers = compare("4. Tiny Shakespeare: trained on the first 90%, scored on the last 10%",
                                                  train_text, held_out, config.vocab_size)
     results["sst2"], _ = compare("   SST-2: trained on the training phrases, scored on the dev sentences", sst2,

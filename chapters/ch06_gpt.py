@@ -35,7 +35,7 @@ BABY_GPT = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, 
 class Config(GPTPretrainConfig):
     """Chapter 06: pretrain a GPT on Tiny Shakespeare, evaluate, sample, and time the KV cache."""
 
-    out: str = field(default="runs/ch06", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
+    out: str = field(default="runs/ch06", metadata={"help": "run folder; a run already there is kept: --resume continues it, --overwrite replaces it"})
     gpu_preset: bool = field(default=True, metadata={"help": "on CUDA, train nanoGPT's baby GPT (6x384, context 256, 5,000 steps) "
                                                             "unless sizes are given on the command line"})
     kv_tokens: int = field(default=0, metadata={"help": "tokens generated to time decoding with and without the KV cache "
@@ -47,7 +47,7 @@ def main(config: Config) -> dict:
     device = pick_device(config.device)
     if device.type == "cuda" and config.gpu_preset and not config.quick:
         config = Config(**{**asdict(config), **BABY_GPT})
-    config.overwrite = not config.resume  # a chapter run replaces the previous one
+    runs.check_run_folder(out, config.resume, config.overwrite, kind="gpt")  # before any work: a run there is kept
     print(f"Running on {describe_device(device, config.precision)}")
 
     # 1. Data: characters, the first 90% to train on, the last 10% to validate on.

@@ -40,7 +40,7 @@ PROBES = ["this movie was [MASK] good .", "the acting is [MASK] and the plot is 
 class Config(BertPretrainConfig):
     """Chapter 07: pretrain a BERT on IMDB's unlabelled reviews (masked LM + next sentence), evaluate, fill in blanks."""
 
-    out: str = field(default="runs/ch07", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
+    out: str = field(default="runs/ch07", metadata={"help": "run folder; a run already there is kept: --resume continues it, --overwrite replaces it"})
     gpu_preset: bool = field(default=True, metadata={"help": "on CUDA, train a BERT-small shape (4x512) for 10,000 steps "
                                                             "of 256 pairs"})
 
@@ -50,7 +50,7 @@ def main(config: Config) -> dict:
     device = pick_device(config.device)
     if device.type == "cuda" and config.gpu_preset and not config.quick:
         config = Config(**{**asdict(config), **GPU_PRESET})
-    config.overwrite = not config.resume  # a chapter run replaces the previous one
+    runs.check_run_folder(out, config.resume, config.overwrite, kind="bert")  # before any work: a run there is kept
     seed_everything(config.seed)
     print(f"Running on {describe_device(device, config.precision)}")
 

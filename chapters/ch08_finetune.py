@@ -75,6 +75,7 @@ def budget_list(text: str) -> list[int]:
 
 def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
+    runs.check_results_folder(out)  # a folder of runs: never a run folder itself
     device = pick_device(config.device)
     print(f"Running on {describe_device(device, config.precision)}")
     seeds = [int(s) for s in config.seeds.split(",")]
@@ -159,7 +160,7 @@ def reuse_or_finetune(folder: pathlib.Path, config: Config, build, data) -> dict
         return read_json(done)["test"]
     seed_everything(config.seed)  # the classifier's initialization, then the batches
     task, test = data
-    result = {**finetune(build(), task, config, test, {"model": folder.name, "seed": config.seed}, log=lambda m: None),
+    result = {**finetune(build(), task, config, test, runs.run_info("classifier", {"name": folder.name}, seed=config.seed), log=lambda m: None),
               "out": str(folder)}
     print(f"  {folder.parent.name}/{folder.name}: accuracy {result['accuracy']:.1%} (held-out {result['val_accuracy']:.1%}, "
           f"best of {result['steps']:,} steps at {result['best_step']:,})", flush=True)

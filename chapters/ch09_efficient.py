@@ -74,6 +74,7 @@ class Config(PeftOptions, FinetuneConfig):  # PeftOptions: --top-layers, --lora-
 
 def main(config: Config) -> dict:
     start, out, device = time.perf_counter(), pathlib.Path(config.out), pick_device(config.device)
+    runs.check_results_folder(out)  # a folder of runs: never a run folder itself
     print(f"Running on {describe_device(device, config.precision)}")
     bert_run = runs.bert_run(config.bert, out / "bert_pretraining", chapter07_pretraining(config))
     bert, tokenizer, _ = runs.load_run(bert_run, expect="bert")
@@ -101,7 +102,7 @@ def main(config: Config) -> dict:
         activations = saved_activation_bytes(model, lambda: ClassificationTask.loss(model, longest))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        scores = finetune(model, task, settings, dev, {"model": method})
+        scores = finetune(model, task, settings, dev, runs.run_info("classifier", {"method": method}))
         return {"dev_accuracy": scores["accuracy"], "val_loss": scores["val_loss"], "trainable": trainable, "total": total,
                 "train_seconds": scores["train_seconds"], "memory_mib": (training_memory_bytes(model) + activations) / MIB,
                 "activations_mib": activations / MIB,

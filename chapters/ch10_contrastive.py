@@ -33,7 +33,7 @@ from minillm.train import Trainer
 class Config(SimCSEConfig):
     """Chapter 10: SimCSE sentence embeddings from a BERT, scored by probes on SST-2 dev before and after."""
 
-    out: str = field(default="runs/ch10", metadata={"help": "run folder (the chapter replaces it unless --resume)"})
+    out: str = field(default="runs/ch10", metadata={"help": "run folder; a run already there is kept: --resume continues it, --overwrite replaces it"})
     bert: str = field(default="shipped", metadata={"help": "the BERT to start from: 'shipped' (pretrained for hours on "
                                                            "IMDB's reviews, data/pretrained), 'pretrain' (chapter 07's "
                                                            "recipe, now, into <out>/bert_pretraining) or a run folder"})
@@ -42,7 +42,7 @@ class Config(SimCSEConfig):
 def main(config: Config) -> dict:
     out = pathlib.Path(config.out)
     device = pick_device(config.device)
-    config.overwrite = not config.resume  # a chapter run replaces the previous one
+    runs.check_run_folder(out, config.resume, config.overwrite, kind="bert-encoder")  # before any work: a run there is kept
     print(f"Running on {describe_device(device, config.precision)}")
 
     # 1. A BERT pretrained by masked LM + next-sentence prediction, and its WordPiece tokenizer.

@@ -19,3 +19,15 @@ __version__ = "0.1.0"
 
 class MinillmError(Exception):
     """A user's mistake (bad file, bad option): shown as one sentence, never as a traceback."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run after it saved its checkpoint; the message says how to continue. A
+    ``KeyboardInterrupt``, so code after the run never treats it as finished; the entry points exit with 130."""
+
+
+def interrupted_message(error: KeyboardInterrupt) -> str:
+    """What to print on Ctrl-C: the run's own message, or a general one when no run was training."""
+    if isinstance(error, RunInterrupted) and str(error):
+        return f"\n{error}"
+    return "\ninterrupted: files saved so far are kept; rerun the same command with --resume to continue a training run"

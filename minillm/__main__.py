@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minillm import MinillmError, __version__
+from minillm import MinillmError, __version__, interrupted_message
 from minillm.config import build_config, config_parser, quick_requested
 
 
@@ -70,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except MinillmError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything saved so far is kept; rerun the same command with --resume to continue",
-              file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(interrupted_message(interrupt), file=sys.stderr)
         return 130
     return 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm import MinillmError, hf
+from minillm.config import dataclass_from_dict
 from minillm.layers import EncoderBlock, LayerNorm, make_activation
 
 
@@ -65,9 +66,10 @@ class BertConfig:
         return self.d_ff or 4 * self.n_embd
 
     @classmethod
-    def from_dict(cls, values: dict) -> "BertConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def from_dict(cls, values: dict, source: str = "the model configuration") -> "BertConfig":
+        """A config from a dict (e.g. a run's config.json), ignoring keys it does not know; a value of the wrong
+        type or out of range is a ``ValueError`` naming ``source``."""
+        return dataclass_from_dict(cls, values, source)
 
 
 class BertEmbeddings(nn.Module):

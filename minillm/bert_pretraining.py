@@ -318,7 +318,7 @@ def bert_task(config: BertPretrainConfig, tokenizer, train_docs, val_docs) -> Be
 def pretrain_bert(config: BertPretrainConfig, stop_after: int | None = None, log=print) -> dict:
     """The whole command: check the run folder, build the corpus and tokenizer, pretrain, evaluate."""
     out = pathlib.Path(config.out)
-    runs.check_run_folder(out, config.resume, config.overwrite)
+    runs.check_run_folder(out, config.resume, config.overwrite, kind="bert")
     seed_everything(config.seed)
     tokenizer, train_docs, val_docs = bert_corpus(config, log)
     if config.resume:  # the run's own tokenizer, so the ids mean what they meant

@@ -8,9 +8,12 @@ writes every file here goes through).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from typing import Any
+
+import torch
 
 from minillm.files import atomic_write_bytes
 
@@ -65,7 +68,34 @@ def load_model_state(model, tensors: dict, source: str = "checkpoint") -> None:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise MinillmError(f"{source}: {name} has shape {tuple(tensor.shape)}, but the model expects "
                                f"{tuple(expected[name].shape)}: was it made with another model configuration?")
+    check_finite(tensors, source)
     model.load_state_dict(tensors, strict=False)
+
+
+def check_finite(tensors: dict, source: str = "checkpoint") -> None:
+    """Refuse weights that hold NaN or infinity: a model loaded from them would only ever output NaN (a run
+    that diverged, or a damaged file), and the error would surface far away, as a "diverged" run or NaN text."""
+    from minillm import MinillmError
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MinillmError(f"{source} is damaged: its weight {name} holds NaN or infinite values; start from "
+                               "another run or checkpoint")
+
+
+def tensor_sizes(path: str | os.PathLike, prefix: str = "") -> dict[str, int]:
+    """``{name: number of elements}`` of the tensors in a safetensors file whose names start with ``prefix``,
+    read from the file's header only (nothing is loaded): to compare with a model before it is built."""
+    from safetensors import SafetensorError, safe_open
+
+    from minillm import MinillmError
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: math.prod(handle.get_slice(name).get_shape()) for name in handle.keys()
+                    if name.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MinillmError(f"{path} is not a readable safetensors file ({error})") from None
 
 
 def save_weights(path: str | os.PathLike, model, metadata: dict[str, Any] | None = None) -> pathlib.Path:
@@ -100,8 +130,6 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def _rng_tensors(generators: dict) -> dict:
-    import torch
-
     tensors = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -118,7 +146,6 @@ def save_training_state(path: str | os.PathLike, model, optimizer, *, step: int,
     import random
 
     import numpy as np
-    import torch
     from safetensors.torch import save
 
     tensors = {f"model/{name}": tensor for name, tensor in unique_state_dict(model).items()}
@@ -148,7 +175,6 @@ def load_training_state(path: str | os.PathLike, model, optimizer, generators: d
     import random
 
     import numpy as np
-    import torch
 
     from minillm import MinillmError
 

@@ -94,6 +94,42 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hint) 
     parser.add_argument(name, type=convert, metavar=metavar, help=help_text, **kwargs)
 
 
+def _value_fits(value: Any, hint) -> bool:
+    """Does a JSON value fit a field's type hint (int, float, bool, str, Literal[...], or Optional of one)?"""
+    hint, optional = _unwrap_optional(hint)
+    if value is None:
+        return optional
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # other types: the dataclass's own checks decide
+
+
+def dataclass_from_dict(cls: type[C], values: dict, source: str = "the configuration") -> C:
+    """``cls(**values)`` for a dict read from a file (a run's config.json), keeping only the fields ``cls``
+    knows, after checking each value's type against the field's (``"n_layer": "two"`` is refused here, with
+    one sentence naming ``source``, not deep inside a model's constructor); ``cls``'s own ``__post_init__``
+    then checks ranges. Raises ``ValueError``."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source} is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    known = {field.name for field in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name in known and not _value_fits(value, hints[name]):
+            hint = _unwrap_optional(hints[name])[0]
+            expected = (f"one of {', '.join(map(repr, typing.get_args(hint)))}" if typing.get_origin(hint) is typing.Literal
+                        else f"a valid {getattr(hint, '__name__', hint)}")
+            raise ValueError(f"{source} has {name} = {value!r}, which is not {expected}")
+    return cls(**{name: value for name, value in values.items() if name in known})
+
+
 def config_parser(cls: type, description: str | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of the dataclass ``cls``."""
     parser = parser or argparse.ArgumentParser(
@@ -151,7 +187,7 @@ def run_chapter(main: Callable[[C], object], cls: type[C], argv: list[str] | Non
     A user's mistake found while running (a missing or damaged file: :class:`minillm.MinillmError`)
     prints one ``error:`` line and exits with status 2; Ctrl-C exits with 130. Files already saved stay.
     """
-    from minillm import MinillmError
+    from minillm import MinillmError, interrupted_message
 
     config = parse_config(cls, argv)
     try:
@@ -159,8 +195,8 @@ def run_chapter(main: Callable[[C], object], cls: type[C], argv: list[str] | Non
     except MinillmError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: files saved so far are kept", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(interrupted_message(interrupt), file=sys.stderr)
         sys.exit(130)
 
 

@@ -82,9 +82,13 @@ def text_splits(path: str | os.PathLike, val_fraction: float = 0.1) -> tuple[str
     rest validates. For Tiny Shakespeare and ``val_fraction=0.1`` this is nanoGPT's split, so validation
     losses compare with its published ones. A cut in the text, not a shuffle: the held-out part is later
     scenes, never lines interleaved with the training ones."""
+    return split_text(read_text_file(path), val_fraction)
+
+
+def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """``(text[:n], text[n:])`` with ``n = int(len(text) * (1 - val_fraction))``: :func:`text_splits` of a text."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    text = read_text_file(path)
     n_train = int(len(text) * (1.0 - val_fraction))
     return text[:n_train], text[n_train:]
 

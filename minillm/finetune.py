@@ -166,6 +166,10 @@ class ClassificationTask(Task):
         empty = [i for i, (ids, _) in enumerate(list(train) + list(val)) if len(ids) == 0]
         if empty:
             raise MinillmError(f"{len(empty)} example(s) have no tokens: encode at least [CLS] for each")
+        classes = sorted({label for _, label in train})
+        if len(classes) < 2:  # it could only learn to answer that label: a majority-class model, silently
+            raise MinillmError(f"all {len(train):,} training examples have label {classes[0]}: a classifier needs "
+                               "examples of at least two classes; check the data file (or --labelled)")
         self.train, self.val, self.pad_id = list(train), list(val), pad_id
         self.draw = ExampleDraws([len(ids) for ids, _ in self.train], length_grouping, seed)
 

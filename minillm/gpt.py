@@ -25,7 +25,7 @@ import json
 import math
 import os
 import pathlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from minillm import MinillmError, hf
 from minillm.attention import KVCache, causal_mask, fused_attention, scaled_dot_product_attention
+from minillm.config import dataclass_from_dict
 from minillm.layers import LayerNorm, LearnedPositionalEmbedding, RotaryEmbedding, make_activation
 
 
@@ -74,10 +75,10 @@ class GPTConfig:
             raise ValueError(f"rotary positions need an even head size, got {self.n_embd // self.n_head}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "GPTConfig":
-        """A config from a dict (e.g. a checkpoint's JSON), ignoring keys it does not know."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def from_dict(cls, values: dict, source: str = "the model configuration") -> "GPTConfig":
+        """A config from a dict (e.g. a run's config.json), ignoring keys it does not know; a value of the wrong
+        type or out of range is a ``ValueError`` naming ``source``."""
+        return dataclass_from_dict(cls, values, source)
 
 
 class CausalSelfAttention(nn.Module):

@@ -35,6 +35,7 @@ from minillm.tokenization import (
     BPETokenizer,
     CharTokenizer,
     UnknownCharacterError,
+    encode_ids,
     load_tokenizer,
     save_library_tokenizer,
     special_token_ids,
@@ -146,7 +147,7 @@ def tokenize_corpus(config: GPTPretrainConfig, log=print):
 def pretrain_gpt(config: GPTPretrainConfig, stop_after: int | None = None, log=print) -> TrainResult:
     """The whole command: check the run folder, tokenize, build the model, train, sample."""
     out = pathlib.Path(config.out)
-    runs.check_run_folder(out, config.resume, config.overwrite)  # before anything is written
+    runs.check_run_folder(out, config.resume, config.overwrite, kind="gpt")  # before anything is written
     seed_everything(config.seed)
     if config.resume:  # the tokenizer of the run being continued, so the ids mean the same
         tokenizer = load_tokenizer(out / runs.TOKENIZER)
@@ -188,7 +189,7 @@ def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, tempera
                 use_kv_cache: bool = True) -> str:
     """Encode ``prompt``, sample ``max_new_tokens`` more, decode prompt + continuation."""
     try:
-        ids = tokenizer.encode(prompt)
+        ids = encode_ids(tokenizer, prompt)
     except UnknownCharacterError as error:
         raise MinillmError(f"the prompt cannot be encoded: {error}") from None
     if not ids:
@@ -198,8 +199,6 @@ def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, tempera
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          use_kv_cache=use_kv_cache, generator=generator)
     return tokenizer.decode(out[0].tolist())
-
-
 
 
 def pretrain_gpt_on_reviews(tokenizer_run: str | os.PathLike, out: str | os.PathLike, max_iters: int,

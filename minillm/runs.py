@@ -30,10 +30,10 @@ from torch import nn
 
 from minillm import MinillmError, datasets
 from minillm.bert import Bert, BertConfig, BertForPreTraining
-from minillm.checkpoint import load_model_state, read_safetensors
-from minillm.files import read_json
+from minillm.checkpoint import load_model_state, read_safetensors, tensor_sizes
+from minillm.files import read_json, temp_files_of
 from minillm.gpt import GPT, GPTConfig
-from minillm.tokenization import load_library_tokenizer
+from minillm.tokenization import load_library_tokenizer, tokenizer_size
 from minillm.tokenization import load_tokenizer as load_minillm_tokenizer
 
 CONFIG = "config.json"
@@ -45,6 +45,12 @@ RESULTS = "results.json"
 TOKENIZER = "tokenizer.json"
 SAMPLES = "samples.txt"
 RUN_FILES = (CONFIG, CHECKPOINT, BEST_MODEL, LOG, LOSS_PLOT, RESULTS, TOKENIZER, SAMPLES)
+
+
+def run_kind(info: dict) -> str | None:
+    """The model type in a :func:`run_info` dict (None if it names none)."""
+    model = info.get("model") if isinstance(info, dict) else None
+    return model.get("type") if isinstance(model, dict) else None
 
 
 def run_info(model_type: str, model_config: Any = None, **extra: Any) -> dict:
@@ -60,25 +66,68 @@ def run_info(model_type: str, model_config: Any = None, **extra: Any) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_run_folder(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds another run, unless told to resume or overwrite it."""
+TRAINED_FILES = (CHECKPOINT, BEST_MODEL, LOG, RESULTS)
+"""What makes a folder hold a run: something trained. A folder with only config.json and tokenizer.json is
+the stub of a run that failed before its first step: the same command may start afresh there."""
+
+
+def check_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool, kind: str | None = None) -> None:
+    """Refuse to write a run into ``out`` when that would lose or mix up another run: a folder holding a run is
+    continued only with ``resume``, replaced only with ``overwrite`` and only by a run of the same ``kind``
+    (``"gpt"``, ``"bert"``, ...: config.json's model type); ``out`` must be a folder minillm can write in."""
     out = pathlib.Path(out)
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    _check_writable(out)
+    held = _held_kind(out)
     if resume:
-        if not (out / CHECKPOINT).exists():
+        if not (out / CHECKPOINT).is_file():
             raise MinillmError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+        if kind is not None and held not in (None, kind):
+            raise MinillmError(f"{out} holds a {held} run, not a {kind} run: it cannot be resumed as one")
         return
-    if existing and not overwrite:
-        raise MinillmError(f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
+    trained = [name for name in TRAINED_FILES if (out / name).exists()]
+    if trained and not overwrite:
+        raise MinillmError(f"{out} already holds a run ({', '.join(trained)}): pass --resume to continue it, "
                            "--overwrite to replace it, or choose another --out")
+    if trained and kind is not None and held not in (None, kind):
+        raise MinillmError(f"{out} holds a {held} run; --overwrite replaces a run only with one of its kind "
+                           f"({kind}): choose another --out, or delete {out} yourself")
+
+
+def check_results_folder(out: str | os.PathLike) -> None:
+    """For a chapter that writes a folder of several runs and its own results.json (chapters 03, 08, 09): ``out``
+    must not be a run folder itself, or its results.json would land on that run's."""
+    out = pathlib.Path(out)
+    _check_writable(out)
+    if (out / CONFIG).is_file():
+        raise MinillmError(f"{out} holds a {_held_kind(out) or 'minillm'} run; this chapter writes a folder of runs "
+                           "and results beside it: choose another --out")
+
+
+def _held_kind(out: pathlib.Path) -> str | None:
+    """The model type of the run in ``out``, or None when there is none (or its config.json is unreadable)."""
+    try:
+        return read_config(out).get("model", {}).get("type")
+    except MinillmError:
+        return None
+
+
+def _check_writable(out: pathlib.Path) -> None:
+    """``out`` is a folder, or can become one, that this process may write in: one sentence if not."""
     if out.exists() and not out.is_dir():
         raise MinillmError(f"--out {out} is a file, not a folder")
+    existing = next(parent for parent in (out, *out.parents) if parent.exists())
+    if not existing.is_dir():
+        raise MinillmError(f"--out {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MinillmError(f"--out {out}: no permission to write in {existing}; choose another --out")
 
 
-def clear_run_folder(out: pathlib.Path) -> None:
-    """Delete a run's files (and nothing else in the folder)."""
+def clear_run_folder(out: str | os.PathLike) -> None:
+    """Delete a run's files, and the temp files a killed write left beside them (and nothing else in the folder)."""
     for name in RUN_FILES:
-        (pathlib.Path(out) / name).unlink(missing_ok=True)
+        path = pathlib.Path(out) / name
+        for leftover in [path, *temp_files_of(path)]:
+            leftover.unlink(missing_ok=True)
 
 
 def is_finished(out: str | os.PathLike) -> bool:
@@ -148,12 +197,14 @@ def load_model(path: str | os.PathLike, expect: str | None = None, config: dict 
         raise MinillmError(f"{folder} holds a {kind!r} model; minillm can load {', '.join(classes)} runs")
     config_from_dict, model_class = classes[kind]
     try:
-        model = model_class(config_from_dict(model_info))
+        model_config = config_from_dict(model_info, "it")
     except (TypeError, ValueError) as error:
-        raise MinillmError(f"{folder / CONFIG} does not describe a {kind} model ({error})") from None
+        raise MinillmError(f"{folder / CONFIG} does not describe a {kind} model: {error}") from None
     weights = weights_file(path)
     if not weights.is_file():
         raise MinillmError(f"{folder} has no weights ({BEST_MODEL} or {CHECKPOINT})")
+    _check_size(model_class, model_config, weights, folder)
+    model = model_class(model_config)
     tensors, _ = read_safetensors(weights)
     if any(name.startswith("model/") for name in tensors):  # a training checkpoint: the model's part
         tensors = {name[len("model/"):]: t for name, t in tensors.items() if name.startswith("model/")}
@@ -161,6 +212,25 @@ def load_model(path: str | os.PathLike, expect: str | None = None, config: dict 
         tensors = gpt_state_from_before_0_2(tensors)
     load_model_state(model, tensors, str(weights))
     return model
+
+
+def _check_size(model_class, model_config, weights: pathlib.Path, folder: pathlib.Path) -> None:
+    """Before a model is built (and its memory asked for): does config.json describe a model the weights can
+    fill? The model is laid out on the ``meta`` device (shapes, no memory) and its parameters counted against
+    the numbers the weights file holds, read from the file's header. A damaged config.json that asks for a
+    model a million times larger is then one sentence, not an out-of-memory crash."""
+    try:
+        with torch.device("meta"):
+            skeleton = model_class(model_config)
+    except (RuntimeError, OverflowError, MemoryError):  # sizes whose bytes overflow 64 bits
+        raise MinillmError(f"{folder / CONFIG} describes a model too large to exist: it does not belong to "
+                           f"{weights.name}") from None
+    wanted = sum(parameter.numel() for parameter in skeleton.parameters())  # a tied weight counts once
+    sizes = tensor_sizes(weights)
+    held = sum(n for name, n in sizes.items() if name.startswith("model/")) or sum(sizes.values())
+    if wanted > held:
+        raise MinillmError(f"{folder / CONFIG} describes a model of {wanted:,} parameters, but {weights.name} holds "
+                           f"{held:,} numbers: config.json does not belong to these weights")
 
 
 def load_tokenizer(folder: str | os.PathLike, config: dict | None = None):
@@ -174,6 +244,8 @@ def load_tokenizer(folder: str | os.PathLike, config: dict | None = None):
         saved = read_json(path)
     except ValueError as error:
         raise MinillmError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(saved, dict):
+        raise MinillmError(f"{path} is not a tokenizer file (it holds a JSON {type(saved).__name__}, not an object)")
     if isinstance(saved, dict) and saved.get("type") in ("CharTokenizer", "BPETokenizer"):
         return load_minillm_tokenizer(path)
     return load_library_tokenizer(path)
@@ -192,7 +264,12 @@ def load_run(path: str | os.PathLike, device="cpu", expect: str | None = None) -
     folder = path.parent if path.suffix == ".safetensors" else path
     config = read_config(folder)  # read once, for the model, the tokenizer and the caller
     model = load_model(path, expect=expect, config=config)
-    return LoadedRun(model.to(device).eval(), load_tokenizer(folder, config), config)
+    tokenizer = load_tokenizer(folder, config)
+    model_vocab = getattr(model.config, "vocab_size", None)
+    if model_vocab is not None and tokenizer_size(tokenizer) > model_vocab:
+        raise MinillmError(f"{folder / config.get('tokenizer', TOKENIZER)} has {tokenizer_size(tokenizer):,} tokens but "
+                           f"the model knows {model_vocab:,}: the tokenizer is not the one this model was trained with")
+    return LoadedRun(model.to(device).eval(), tokenizer, config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import json
 import os
 import pathlib
 import re
@@ -494,7 +495,15 @@ class SpecialTokenIds(NamedTuple):
 def train_library_bpe(texts: str | Iterable[str], vocab_size: int, min_frequency: int = 2,
                       special_tokens: Sequence[str] = SPECIAL_TOKENS):
     """The ``tokenizers`` library's byte-level BPE (GPT-2's: ByteLevel pre-tokenizer and decoder,
-    all 256 bytes in the alphabet), trained on ``texts``; special tokens take the first ids."""
+    all 256 bytes in the alphabet), trained on ``texts``; special tokens take the first ids.
+
+    Deterministic: the same texts and settings give the same tokenizer file in every process.
+    The trainer numbers the special tokens, then its alphabet sorted by code point, then each
+    merged token as it is made, and among equally frequent pairs merges the smallest (left id,
+    right id). Here every character of a pre-tokenized word is one of the 256 byte characters of
+    the initial alphabet, so all starting ids come from that sorted alphabet, never from the
+    (per-process randomised) order of the trainer's word hash map. Contrast :func:`train_wordpiece`.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=UNK if UNK in special_tokens else None))
@@ -503,6 +512,20 @@ def train_library_bpe(texts: str | Iterable[str], vocab_size: int, min_frequency
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(_texts_iterator(texts), trainer=trainer)
+    return tokenizer
+
+
+def _trained_wordpiece(texts: list[str], vocab_size: int, min_frequency: int, special_tokens: list[str]):
+    """One run of the library's WordPiece trainer on ``texts``, with BERT's normalizer and pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
+                                        continuing_subword_prefix="##", show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
 
@@ -516,17 +539,42 @@ def train_wordpiece(texts: str | Iterable[str], vocab_size: int, min_frequency: 
     lossy: ``decode(encode(s))`` is a normalized ``s``. Special tokens take ids 0, 1, ...
     (``[PAD] [UNK] [CLS] [SEP] [MASK]`` = 0-4 by default). Encodings carry no [CLS]/[SEP]:
     :func:`minillm.data.encode_pair` builds BERT's inputs from the ids.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
-    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
-                                        continuing_subword_prefix="##", show_progress=False)
-    tokenizer.train_from_iterator(_texts_iterator(texts), trainer=trainer)
-    return tokenizer
+    Deterministic: the same texts and settings give a byte-identical tokenizer file in every
+    process. The ids are: the special tokens, the characters (sorted by code point), the
+    ``##`` characters (sorted likewise), then the learned pieces in the order they were merged;
+    among equally frequent pairs the smallest (left id, right id) is merged first.
+
+    Why it takes two runs of the library's trainer: the trainer (a BPE trainer underneath) sorts
+    the characters, but numbers each ``##c`` continuation token when it first meets it while
+    walking its word-count hash map, whose order Rust randomises per process and per map (even
+    with one thread). Those ids decide which of two equally frequent pairs is merged first, and
+    an early tie changes later counts, so not only the ids but the vocabulary itself varied
+    between runs (e.g. 6 of 5,000 tokens trained on 3,000 SST-2 phrases). The first run, with
+    vocabulary size 0, learns no merges: its vocabulary is exactly the alphabet and its ``##``
+    form. The second run gets them, sorted, after the real special tokens in the trainer's
+    ``special_tokens``, which the trainer numbers first and in the order given, so no id depends
+    on hash order. That changes nothing but the numbering: the trainer's special tokens only
+    reserve ids (it reads the text through the normalizer and pre-tokenizer alone) and the
+    trainer would have made these very tokens anyway, each counting once towards
+    ``vocab_size``. Afterwards they are dropped from the tokenizer's added (special) tokens, so
+    they stay ordinary vocabulary entries. ``texts`` is read twice (an iterator is first made
+    into a list), which doubles the training time.
+    """
+    from tokenizers import Tokenizer
+
+    texts = list(_texts_iterator(texts))
+    specials = list(dict.fromkeys(special_tokens))
+    found = [token for token in _trained_wordpiece(texts, 0, min_frequency, specials).get_vocab() if token not in specials]
+    alphabet = sorted(token for token in found if len(token) == 1)
+    continuations = sorted(token for token in found if len(token) == 3 and token.startswith("##"))
+    unexpected = set(found) - set(alphabet) - set(continuations)  # a run with vocabulary size 0 merges nothing
+    if unexpected:
+        raise RuntimeError(f"the tokenizers library's WordPiece alphabet holds unexpected tokens {sorted(unexpected)[:5]}")
+    tokenizer = _trained_wordpiece(texts, vocab_size, min_frequency, specials + alphabet + continuations)
+    saved = json.loads(tokenizer.to_str())
+    saved["added_tokens"] = [token for token in saved["added_tokens"] if token["content"] in specials]
+    return Tokenizer.from_str(json.dumps(saved))
 
 
 def save_library_tokenizer(tokenizer, path: str | os.PathLike) -> pathlib.Path:
@@ -548,8 +596,22 @@ def load_library_tokenizer(path: str | os.PathLike):
         raise MinillmError(f"{path} is not a tokenizers JSON file ({error})") from None
 
 
+def encode_ids(tokenizer, text: str) -> list[int]:
+    """``text`` as token ids, for minillm's tokenizers (``encode`` gives ids) and the library's (an ``Encoding``)."""
+    encoded = tokenizer.encode(text)
+    return list(encoded.ids) if hasattr(encoded, "ids") else list(encoded)
+
+
+def tokenizer_size(tokenizer) -> int:
+    """How many ids a tokenizer of either kind can produce (the library's ``get_vocab_size``, or ``len``)."""
+    return tokenizer.get_vocab_size() if hasattr(tokenizer, "get_vocab_size") else len(tokenizer)
+
+
 def special_token_ids(tokenizer) -> SpecialTokenIds:
     """The ids of ``[PAD] [UNK] [CLS] [SEP] [MASK]`` in a library tokenizer; an error names any that is missing."""
+    if not hasattr(tokenizer, "token_to_id"):
+        raise MinillmError(f"a {type(tokenizer).__name__} has no [CLS], [SEP] or [MASK] tokens: BERT needs a "
+                           "WordPiece tokenizer (a 'pretrain bert' run's tokenizer.json)")
     ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
     missing = [token for token, index in zip(SPECIAL_TOKENS, ids) if index is None]
     if missing:

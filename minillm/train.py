@@ -29,8 +29,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minillm import MinillmError, optim, plots
-from minillm.checkpoint import load_model_state, load_training_state, read_safetensors, save_training_state, save_weights
+from minillm import MinillmError, RunInterrupted, optim, plots
+from minillm.checkpoint import (
+    check_finite,
+    load_model_state,
+    load_training_state,
+    read_safetensors,
+    save_training_state,
+    save_weights,
+)
 from minillm.config import QuickConfig
 from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, pick_device, seed_everything
 from minillm.files import atomic_write_text, write_json
@@ -44,6 +51,7 @@ from minillm.runs import (
     check_run_folder,
     clear_run_folder,
     read_log,
+    run_kind,
 )
 
 
@@ -318,6 +326,9 @@ class Trainer:
         # The losses since the last estimate are summed on the device (no host sync per step) in float64,
         # and saved in checkpoints, so a resumed run adds them up in exactly the same order.
         self.interval_sum = torch.tensor(self.state.interval_loss_sum, dtype=torch.float64, device=self.device)
+        # A micro-batch's first and last finite losses, for a divergence's diagnosis (:meth:`_divergence`)
+        self.first_loss = torch.tensor(math.nan, dtype=torch.float64, device=self.device)
+        self.last_finite_loss = self.first_loss.clone()
         self.logged = (self.state.interval_loss_sum, self.state.interval_steps)  # (sum, steps) at the last log line
         stopped_early = False
         self.model.train()
@@ -341,11 +352,15 @@ class Trainer:
                 if stopped_early:
                     break
                 if stopping:
-                    self.print(f"\nstopped at step {step:,}; checkpoint saved: continue with --resume")
                     break
         finally:
             self.bar.close()
             interrupted.restore()
+        if interrupted():  # Ctrl-C: the checkpoint is saved; the caller must not go on as if the run had finished
+            raise RunInterrupted(f"interrupted at step {step:,}; the checkpoint {self.out / CHECKPOINT} is saved: "
+                                 "rerun the same command with --resume to continue")
+        if step < c.max_iters and not stopped_early:
+            self.print(f"\nstopped at step {step:,}; checkpoint saved: continue with --resume")
         seconds = time.perf_counter() - start_time
         if step < c.max_iters and not stopped_early:  # stopped on request: no final evaluation
             return TrainResult(step, self.state.best_step, self.state.best_val_loss, math.nan, seconds,
@@ -359,8 +374,8 @@ class Trainer:
         if c.select_by == "accuracy" and not self.task.counts_correct:
             raise MinillmError("--select-by accuracy needs a classification task (one that counts right predictions)")
         if self.dist.is_main:
-            check_run_folder(out, c.resume, c.overwrite)
-            if c.overwrite:
+            check_run_folder(out, c.resume, c.overwrite, kind=run_kind(self.run_info))
+            if not c.resume:  # the run it replaces (--overwrite), or the stub of one that failed before step 1
                 clear_run_folder(out)
             out.mkdir(parents=True, exist_ok=True)
             if prepare is not None and not c.resume:
@@ -382,6 +397,7 @@ class Trainer:
             self.state = LoopState(**{key: header.get(key, default) for key, default in asdict(LoopState()).items()})
             self._truncate_log(step)
             self.print(f"resuming {out} at step {step:,}")
+        check_finite(dict(self.model.named_parameters()), "the starting model" if not c.resume else str(out / CHECKPOINT))
         if self.dist.is_main:
             write_json(out / CONFIG, {**self.run_info, "train_config": asdict(c)})
         return step
@@ -421,6 +437,9 @@ class Trainer:
                     loss = self.task.loss(train_model, batch) / c.grad_accum
                 loss.backward()
             self.interval_sum += loss.detach().double()
+            finite_loss = torch.where(torch.isfinite(loss.detach()), loss.detach().double(), self.last_finite_loss)
+            self.last_finite_loss = finite_loss  # no host sync: read only if the run diverges
+            self.first_loss = torch.where(torch.isnan(self.first_loss), finite_loss, self.first_loss)
             tokens = self.task.batch_tokens(batch) * c.grad_accum * self.dist.world_size
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -434,9 +453,7 @@ class Trainer:
         state = self.state
         state.interval_loss_sum = self.interval_sum.item()
         if not math.isfinite(state.interval_loss_sum):
-            raise MinillmError(
-                f"training diverged: the loss became {state.interval_loss_sum} by step {step:,}. The last "
-                f"good checkpoint ({self.out / CHECKPOINT}, if any) is kept; try a lower --lr or --grad-clip")
+            raise MinillmError(self._divergence(step))
         logged_sum, logged_steps = self.logged
         mean_loss = (state.interval_loss_sum - logged_sum) / (state.interval_steps - logged_steps)
         self.logged = (state.interval_loss_sum, state.interval_steps)
@@ -445,6 +462,22 @@ class Trainer:
         tokens_per_s = self.interval_tokens / elapsed if elapsed > 0 else 0.0
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.bar.update(step - self.bar.n)
+
+    def _divergence(self, step: int) -> str:
+        """Why the loss stopped being finite, told apart by what came before it. The starting weights were finite
+        (checked when loaded), so either the loss rose before it broke (the steps were too large: the learning
+        rate) or it broke from an ordinary value (one batch gave no defined loss: the data or the task)."""
+        kept = f"the last good checkpoint ({self.out / CHECKPOINT}, if any) is kept"
+        scale = self.config.grad_accum  # the micro-batch losses were divided by it
+        last, first = self.last_finite_loss.item() * scale, self.first_loss.item() * scale
+        typical = min([loss for _, loss in self.state.history if math.isfinite(loss)] + [first])
+        if math.isfinite(last) and last <= 2.0 * typical + 1.0:
+            return (f"the loss became NaN or infinite by step {step:,} right after an ordinary loss of {last:.3f}, "
+                    "without the rise a too-high learning rate gives first: one batch gave no defined loss, which "
+                    f"points at the data or the task (please report it); {kept}")
+        before = f" (it had risen to {last:.3g}, from {typical:.3g})" if math.isfinite(last) else ""
+        return (f"training diverged: the loss became NaN or infinite by step {step:,}{before}; {kept}; "
+                "try a lower --lr or --grad-clip")
 
     def _evaluate_and_checkpoint(self, step: int, lr: float) -> bool:
         """Estimate the validation loss (and accuracy), log it, keep the weights if they are the best so far,

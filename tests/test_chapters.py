@@ -144,3 +144,20 @@ def test_chapter_08_rejects_an_unknown_model_family_with_one_line(tmp_path):
     result = run([str(REPO_ROOT / "chapters" / "ch08_finetune.py"), "--families", "bert,t5"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--families must be comma-separated names from bert, shipped, gpt" in result.stderr
+
+
+def test_the_pipeline_resumes_an_interrupted_training_stage_and_replaces_only_its_own_other_runs(tmp_path):
+    from minillm.commands.pipeline import _run_folder_args
+    from minillm.files import write_json
+
+    stage = tmp_path / "ch06_gpt"
+    assert _run_folder_args(stage, quick=True, force=False) == []  # nothing there: a fresh run
+    stage.mkdir()
+    write_json(stage / "config.json", {"model": {"type": "gpt"}, "train_config": {"quick": True}})
+    assert _run_folder_args(stage, quick=True, force=False) == []  # a stub: nothing trained
+    (stage / "checkpoint.safetensors").write_bytes(b"")
+    assert _run_folder_args(stage, quick=True, force=False) == ["--resume"]  # interrupted: continue it
+    assert _run_folder_args(stage, quick=False, force=False) == ["--overwrite"]  # the other size: redo
+    assert _run_folder_args(stage, quick=True, force=True) == ["--overwrite"]  # --force: redo
+    (stage / "results.json").write_text("{}")
+    assert _run_folder_args(stage, quick=True, force=False) == ["--overwrite"]  # trained, chapter unfinished

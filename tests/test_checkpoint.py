@@ -21,6 +21,7 @@ from minillm.checkpoint import (
     read_safetensors,
     save_training_state,
     save_weights,
+    tensor_sizes,
     tied_names,
     unique_state_dict,
 )
@@ -110,3 +111,41 @@ def test_a_mismatched_or_damaged_file_is_one_clear_error(tmp_path):
         read_safetensors(tmp_path / "missing.safetensors")
     with pytest.raises(MinillmError, match="not a minillm training checkpoint"):
         load_training_state(tmp_path / "w.safetensors", model, optim.AdamW(model.parameters()))
+
+
+def test_weights_holding_nan_or_inf_are_refused_when_loaded(tmp_path):
+    model = small_gpt()
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            damaged = small_gpt()
+            damaged.blocks[0].mlp.c_fc.weight[1, 2] = bad
+        save_weights(tmp_path / "w.safetensors", damaged)
+        with pytest.raises(MinillmError, match=r"w.safetensors is damaged: its weight blocks.0.mlp.c_fc.weight holds NaN"):
+            load_model_state(model, read_safetensors(tmp_path / "w.safetensors")[0], str(tmp_path / "w.safetensors"))
+    assert torch.equal(model.blocks[0].mlp.c_fc.weight, small_gpt().blocks[0].mlp.c_fc.weight)  # nothing was loaded
+
+
+def test_tensor_sizes_reads_the_header_only_and_counts_each_stored_tensor(tmp_path):
+    model = small_gpt()
+    save_weights(tmp_path / "w.safetensors", model)
+    sizes = tensor_sizes(tmp_path / "w.safetensors")
+    assert sizes == {name: t.numel() for name, t in unique_state_dict(model).items()}
+    assert sum(sizes.values()) >= sum(p.numel() for p in model.parameters())  # tied weight once; buffers besides
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_write_and_leave_no_temp_file(tmp_path):
+    import os
+
+    from minillm.files import atomic_write_text, temp_files_of
+
+    old_umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        ordinary = tmp_path / "b.json"
+        ordinary.write_text("{}")
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777 == 0o644
+    (tmp_path / ".a.json.x1y2.tmp").write_text("half")  # what a SIGKILL mid-write leaves
+    assert temp_files_of(tmp_path / "a.json") == [tmp_path / ".a.json.x1y2.tmp"]
+    assert os.listdir(tmp_path).count("a.json") == 1

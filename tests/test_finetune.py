@@ -603,6 +603,14 @@ def test_an_empty_example_is_refused():
         ClassificationTask([([], 0), ([3], 1)], [([4], 0)], pad_id=PAD)
 
 
+def test_a_training_set_of_one_class_is_refused_instead_of_training_a_majority_class_model():
+    from minillm.finetune import ClassificationTask
+
+    with pytest.raises(MinillmError, match="all 3 training examples have label 1: .* at least two classes"):
+        ClassificationTask([([3], 1), ([4], 1), ([5, 6], 1)], [([4], 0), ([7], 1)], pad_id=PAD)
+    ClassificationTask([([3], 1), ([4], 0)], [([4], 0)], pad_id=PAD)  # two classes: accepted
+
+
 def test_the_finetune_command_trains_scores_and_refuses_a_missing_run(tmp_path, capsys):
     from minillm.__main__ import main
 

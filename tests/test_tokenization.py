@@ -10,11 +10,15 @@ pre-tokenizer (GPT-2's original `\\p{L}`/`\\p{N}` regex in Rust). All comparison
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO_ROOT
 from hypothesis import given
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from minillm import MinillmError, data, datasets
 from minillm.tokenization import (
@@ -343,6 +347,82 @@ def test_library_bpe_has_the_special_tokens_first_and_round_trips(sst2_sentences
     assert tokenizer.decode(tokenizer.encode(MULTILINGUAL).ids) == MULTILINGUAL
     path = save_library_tokenizer(tokenizer, tmp_path / "bpe.json")
     assert load_library_tokenizer(path).encode(MULTILINGUAL).ids == tokenizer.encode(MULTILINGUAL).ids
+
+
+# Trains with the function named in argv[1] on the JSON list of texts in argv[2] and writes the tokenizer
+# file to argv[4]: a fresh process, so Rust's hash maps (and Python's, with another PYTHONHASHSEED) are
+# seeded afresh.
+TRAIN_IN_A_FRESH_PROCESS = """
+import json, pathlib, sys
+from minillm import tokenization
+function, texts, vocab_size, out = sys.argv[1:]
+texts = json.loads(pathlib.Path(texts).read_text(encoding="utf-8"))
+pathlib.Path(out).write_text(getattr(tokenization, function)(texts, int(vocab_size)).to_str(), encoding="utf-8")
+"""
+
+
+def trained_in_fresh_processes(function, texts, vocab_size, tmp_path, hash_seeds=(1, 2)):
+    """The tokenizer file ``function(texts, vocab_size)`` makes in a new Python process per hash seed."""
+    (tmp_path / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+    files = []
+    for seed in hash_seeds:
+        out = tmp_path / f"{function}-{seed}.json"
+        done = subprocess.run([sys.executable, "-c", TRAIN_IN_A_FRESH_PROCESS, function, str(tmp_path / "texts.json"),
+                               str(vocab_size), str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)})
+        assert done.returncode == 0, done.stderr
+        files.append(out.read_text(encoding="utf-8"))
+    return files
+
+
+def plain_library_wordpiece(texts, vocab_size):
+    """The library's WordPiece trainer run once, as train_wordpiece did before: its ## ids follow hash-map order."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
+                                        continuing_subword_prefix="##", show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def test_wordpiece_training_is_identical_in_separate_processes(sst2_sentences, tmp_path):
+    # 5,000 tokens from 3,000 phrases: many merges at the cut are ties, where the library's hash-map order
+    # used to change the vocabulary itself, not only the ids.
+    here = train_wordpiece(sst2_sentences, vocab_size=5000).to_str()
+    assert trained_in_fresh_processes("train_wordpiece", sst2_sentences, 5000, tmp_path) == [here, here]
+    assert train_wordpiece(sst2_sentences, vocab_size=5000).to_str() == here  # and twice in one process
+
+
+def test_library_bpe_training_is_identical_in_separate_processes(tmp_path):
+    texts = [SHAKESPEARE[:50_000], MULTILINGUAL * 20]
+    here = train_library_bpe(texts, vocab_size=1000).to_str()
+    assert trained_in_fresh_processes("train_library_bpe", texts, 1000, tmp_path) == [here, here]
+
+
+def test_wordpiece_ids_are_specials_sorted_alphabet_sorted_continuations_then_merges(sst2_sentences):
+    tokenizer = train_wordpiece(sst2_sentences + [MULTILINGUAL], vocab_size=800)
+    tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
+    alphabet = [token for token in tokens if len(token) == 1]
+    continuations = [token for token in tokens if len(token) == 3 and token.startswith("##")]
+    start = len(SPECIAL_TOKENS) + len(alphabet) + len(continuations)
+    assert tokens[:start] == list(SPECIAL_TOKENS) + sorted(alphabet) + sorted(continuations)
+    assert all(len(token.removeprefix("##")) >= 2 for token in tokens[start:]) and len(tokens) == 800
+    # only the real special tokens are added tokens: "a" or "##s" in a text is ordinary text ("#" is not in these texts)
+    assert {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()} == dict(enumerate(SPECIAL_TOKENS))
+    assert tokenizer.encode("a ##s [MASK]").tokens == ["a", "[UNK]", "[UNK]", "s", "[MASK]"]
+
+
+def test_wordpiece_has_the_librarys_alphabet_and_vocabulary_size(sst2_sentences):
+    ours = train_wordpiece(sst2_sentences + [MULTILINGUAL], vocab_size=800).get_vocab()
+    library = plain_library_wordpiece(sst2_sentences + [MULTILINGUAL], vocab_size=800).get_vocab()
+    assert len(ours) == len(library) == 800
+    assert {t for t in ours if len(t.removeprefix("##")) == 1} == {t for t in library if len(t.removeprefix("##")) == 1}
+    assert len(set(ours) & set(library)) >= 0.97 * 800  # the same algorithm: only ties may be broken differently
+
+
+def test_wordpiece_trains_from_a_one_shot_iterator_as_from_a_list(sst2_sentences):
+    assert train_wordpiece(iter(sst2_sentences), vocab_size=600).to_str() == train_wordpiece(sst2_sentences, vocab_size=600).to_str()
 
 
 def test_library_helpers_report_missing_special_tokens_and_bad_files(tmp_path):

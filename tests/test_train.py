@@ -117,10 +117,11 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one_exactly(tmp_
 
 
 class PoisonedTask:
-    """The real task, whose training loss turns NaN from the ``poison_from``-th training batch on."""
+    """The real task, whose training loss turns NaN from the ``poison_from``-th training batch on (a batch that
+    gives no defined loss); with ``blow_up`` it first grows by 1e30 (what a far too high learning rate does)."""
 
-    def __init__(self, task, poison_from):
-        self.task, self.calls, self.poison_from = task, 0, poison_from
+    def __init__(self, task, poison_from, blow_up=False):
+        self.task, self.calls, self.poison_from, self.blow_up = task, 0, poison_from, blow_up
 
     def __getattr__(self, name):
         return getattr(self.task, name)
@@ -129,18 +130,34 @@ class PoisonedTask:
         loss = self.task.loss(model, batch)
         if model.training:
             self.calls += 1
-            if self.calls >= self.poison_from:
+            if self.blow_up and self.calls == self.poison_from:
+                return loss * 1e30
+            if self.calls >= self.poison_from + self.blow_up:
                 return loss * float("nan")
         return loss
 
 
 def test_a_nan_loss_stops_the_run_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(MinillmError, match="training diverged: the loss became nan by step 6"):
+    with pytest.raises(MinillmError, match="by step 6 right after an ordinary loss of .* points at the data or the task"):
         train(tmp_path, task=PoisonedTask(make_task(), poison_from=6))
     tensors, header = read_safetensors(tmp_path / CHECKPOINT)
     assert header["step"] == 4 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     best, _ = read_safetensors(tmp_path / BEST_MODEL)
     assert all(torch.isfinite(t).all() for t in best.values())
+
+
+def test_a_loss_that_rises_before_it_breaks_is_a_divergence_that_points_at_the_learning_rate(tmp_path):
+    with pytest.raises(MinillmError, match=r"training diverged: .* by step 6 \(it had risen to .*e\+30.*--lr"):
+        train(tmp_path, task=PoisonedTask(make_task(), poison_from=5, blow_up=True))
+
+
+def test_a_model_whose_weights_hold_nan_is_refused_before_the_first_step(tmp_path):
+    model = new_model()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(MinillmError, match="the starting model is damaged: its weight .* holds NaN"):
+        train(tmp_path, model=model)
+    assert not (tmp_path / CHECKPOINT).exists()
 
 
 def test_a_folder_holding_a_run_is_refused_unless_resuming_or_overwriting(tmp_path):

@@ -75,7 +75,7 @@ def run_finetune(config: FinetuneCommandConfig) -> dict:
     if not (init / runs.TOKENIZER).is_file():
         raise MinillmError(f"{init} is not a BERT run folder (no {runs.TOKENIZER}): pretrain one with "
                            "'python -m minillm pretrain bert --out runs/bert' or give --init")
-    runs.check_run_folder(out, config.resume, config.overwrite)
+    runs.check_run_folder(out, config.resume, config.overwrite, kind="bert-classifier")
     seed_everything(config.seed)
     pretrained, tokenizer, _ = runs.load_run(init, expect="bert")
     special = special_token_ids(tokenizer)

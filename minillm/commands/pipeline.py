@@ -44,6 +44,7 @@ STAGES: list[tuple[str, str, list[str]]] = [
 # The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
 MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
 NEEDS = {"ch08_finetune": "ch07_bert"}  # a stage that reads another's run folder
+RUN_STAGES = {"ch06_gpt", "ch07_bert", "ch10_contrastive"}  # a stage whose folder is one training run (--resume)
 
 
 @dataclass
@@ -78,9 +79,25 @@ def _finished(stage_dir: pathlib.Path, quick: bool) -> bool:
     if not results.exists():
         return False
     try:
-        return bool(read_json(results).get("config", {}).get("quick")) == quick
-    except ValueError:
+        stage_config = read_json(results).get("config")  # the chapter's own results, written last
+    except (ValueError, AttributeError):
         return False  # a damaged file: redo the stage
+    return isinstance(stage_config, dict) and bool(stage_config.get("quick")) == quick
+
+
+def _run_folder_args(stage_dir: pathlib.Path, quick: bool, force: bool) -> list[str]:
+    """For a stage that trains one run: continue an interrupted run of the same size (``--resume``); replace one
+    of the other size, a finished one being redone (``--force``) or a damaged one (``--overwrite``: the pipeline's
+    own folder, never a user's); start afresh in an empty folder."""
+    if not any((stage_dir / name).exists() for name in runs.TRAINED_FILES):
+        return []
+    try:
+        same_size = bool(read_json(stage_dir / runs.CONFIG).get("train_config", {}).get("quick")) == quick
+    except (OSError, ValueError, AttributeError):
+        same_size = False
+    if same_size and not force and (stage_dir / runs.CHECKPOINT).is_file() and not (stage_dir / runs.RESULTS).exists():
+        return ["--resume"]
+    return ["--overwrite"]
 
 
 def run_pipeline(config: PipelineConfig) -> pathlib.Path:
@@ -102,6 +119,8 @@ def run_pipeline(config: PipelineConfig) -> pathlib.Path:
         print(f"\n{header}", flush=True)
         command = [sys.executable, "-m", module, "--out", str(stage_dir)] + (["--quick"] if config.quick else [])
         command += [arg.replace("{out}", str(out)) for arg in extra]
+        if name in RUN_STAGES:
+            command += _run_folder_args(stage_dir, config.quick, config.force)
         start = time.perf_counter()
         returncode = subprocess.run(command).returncode
         timings[name] = time.perf_counter() - start

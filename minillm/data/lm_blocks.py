@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from minillm import MinillmError
-from minillm.files import read_json, write_json
+from minillm.files import atomic_replace, read_json, write_json
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -38,23 +37,17 @@ def write_token_ids(path: str | os.PathLike, ids: np.ndarray | Sequence[int] | I
     if isinstance(ids, np.ndarray) or (isinstance(ids, Sequence) and (not ids or isinstance(ids[0], (int, np.integer)))):
         ids = [ids]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n_tokens = 0
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in ids:
-                chunk = np.asarray(chunk, dtype=np.int64)
-                if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
-                    bad = chunk[(chunk < 0) | (chunk >= vocab_size)][0]
-                    raise ValueError(f"token id {bad} is outside the vocabulary (0 .. {vocab_size - 1})")
-                handle.write(chunk.astype(dtype).tobytes())
-                n_tokens += chunk.size
+    with atomic_replace(path) as handle:  # the file appears only when complete
+        for chunk in ids:
+            chunk = np.asarray(chunk, dtype=np.int64)
+            if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
+                bad = chunk[(chunk < 0) | (chunk >= vocab_size)][0]
+                raise ValueError(f"token id {bad} is outside the vocabulary (0 .. {vocab_size - 1})")
+            handle.write(chunk.astype(dtype).tobytes())
+            n_tokens += chunk.size
         if n_tokens == 0:
             raise MinillmError(f"no token ids to write to {path}: the encoded corpus is empty")
-        os.replace(tmp_name, path)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
     write_json(_meta_path(path), {"dtype": dtype.name, "n_tokens": n_tokens, "vocab_size": vocab_size})
     return path
 
