@@ -329,6 +329,23 @@ def test_bert_pretraining_with_batch_size_one_finishes(tmp_path):
     assert (out / "results.json").is_file()
 
 
+def test_the_same_bert_pretraining_command_twice_gives_the_same_tokenizer_file_and_losses(bert_run, tmp_path):
+    """Reproducible from --seed, tokenizer included: the WordPiece trainer used to number tokens in the order of
+    a hash map that every process seeds afresh. The second run is another process with another PYTHONHASHSEED."""
+    again = tmp_path / "again"
+    result = subprocess.run([sys.executable, "-m", "minillm", "pretrain", "bert", *BERT_ARGS, "--out", str(again)],
+                            cwd=REPO_ROOT, env={**ENV, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True,
+                            timeout=300)
+    assert_success(result)
+    assert (again / "tokenizer.json").read_bytes() == (bert_run / "tokenizer.json").read_bytes()
+    assert logged_losses(again) == logged_losses(bert_run) and len(logged_losses(again)) == 2
+
+
+def logged_losses(run_folder: pathlib.Path) -> list[tuple]:
+    entries = map(json.loads, (run_folder / "log.jsonl").read_text(encoding="utf-8").splitlines())
+    return [(entry["step"], entry["train_loss"], entry["val_loss"]) for entry in entries]
+
+
 # ---------------------------------------------------------------------------------------------
 # Chapter scripts never replace a run by accident
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +512,18 @@ def test_out_in_a_folder_without_write_permission_is_one_clear_error(small_text,
     finally:
         locked.chmod(0o700)
     assert not (locked / "run").exists()
+
+
+def test_a_folder_this_process_may_not_write_in_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The same check in-process, where it can run as root too: os.access says no write permission."""
+    from minillm import MinillmError, runs
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path) != locked)
+    with pytest.raises(MinillmError, match=f"no permission to write in {re.escape(str(locked))}"):
+        runs.check_run_folder(locked / "run", resume=False, overwrite=False)
+    runs.check_run_folder(tmp_path / "elsewhere" / "run", resume=False, overwrite=False)  # writable: accepted
 
 
 def test_files_written_atomically_are_readable_by_others(gpt_run, bert_run):
