@@ -1,9 +1,9 @@
 """Contrastive learning of sentence embeddings: the InfoNCE loss, SimCSE, and probes that score embeddings.
 
 **InfoNCE** (van den Oord, Li & Vinyals, 2018, "Representation Learning with Contrastive Predictive
-Coding"; Chen et al., 2020, SimCLR's NT-Xent; Gao, Yao & Chen, 2021, SimCSE). A batch holds N positive
-pairs (z1_i, z2_i); every other z2_j of the batch is a negative for z1_i ("in-batch negatives"). With
-the cosine similarity sim(a, b) = aᵀb / (‖a‖‖b‖) and a temperature τ,
+Coding"), in the form SimCSE uses (Gao, Yao & Chen, 2021). A batch holds N positive pairs (z1_i, z2_i);
+every other z2_j of the batch is a negative for z1_i ("in-batch negatives", N − 1 of them). With the
+cosine similarity sim(a, b) = aᵀb / (‖a‖‖b‖) and a temperature τ,
 
 .. math::
 
@@ -13,7 +13,9 @@ the cosine similarity sim(a, b) = aᵀb / (‖a‖‖b‖) and a temperature τ,
 the cross-entropy of an N-way classification whose logits are the N×N matrix ẑ1 ẑ2ᵀ / τ of the
 L2-normalized embeddings and whose right answer for row i is column i (the diagonal): :func:`info_nce`.
 It pulls each pair together (*alignment*) and pushes the batch's embeddings apart over the unit sphere
-(*uniformity*, Wang & Isola, 2020): :func:`alignment`, :func:`uniformity`.
+(*uniformity*, Wang & Isola, 2020): :func:`alignment`, :func:`uniformity`. SimCLR's NT-Xent (Chen et al.,
+2020) differs: each of the 2N views is an anchor, and its negatives are the 2N − 2 views of the other
+examples, from both sides (z1_j and z2_j); here z1_i's negatives come from the z2 side only.
 
 **SimCSE, unsupervised** (Gao et al., 2021, "SimCSE: Simple Contrastive Learning of Sentence
 Embeddings"): the two views of a sentence are the same sentence encoded twice with dropout on; two
@@ -71,7 +73,8 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, symm
                                               {\\sum_j \\exp(\\mathrm{sim}(z1_i, z2_j)/\\tau)}
 
     with sim the cosine similarity, i.e. ``cross_entropy(ẑ1 @ ẑ2.T / τ, arange(N))`` on the L2-normalized
-    rows ẑ (van den Oord et al., 2018; Chen et al., 2020; Gao et al., 2021 use τ = 0.05). It is the
+    rows ẑ (van den Oord et al., 2018; SimCSE's form, Gao et al., 2021, who use τ = 0.05): only the
+    other rows of ``z2`` are negatives, not the other rows of ``z1`` as in SimCLR's NT-Xent. It is the
     mean cross-entropy of picking each row's partner out of the N candidates, so it lies between 0
     (every partner far more similar than any other row) and log N when all embeddings are the same.
     ``symmetric=True`` averages both directions, z1 -> z2 (rows) and z2 -> z1 (columns), as CLIP does.

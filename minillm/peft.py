@@ -483,8 +483,10 @@ METHODS = ("full", "head", "top", "adapters", "lora", "prompt")
 # LoRA: 1e-3, 3e-3, 1e-2; prompt: 3e-3, 1e-2, 3e-2, 0.1), but LoRA's: 3e-3 won there, then collapsed to predicting
 # one class over all 58,722 phrases (3x the steps at a high rate), so its recipe is the safe 1e-3. Weights that start
 # at zero or at random (the head, adapters, LoRA's B, the prompt) need steps at least as large. No weight decay for
-# adapters, LoRA and the prompt: the Trainer decays every trainable matrix toward zero, which for them means toward
-# "no adaptation".
+# the head, adapters, LoRA and the prompt, by minillm's choice rather than the papers' (LoRA's GPT-2 runs use AdamW
+# with weight decay 0.01, Hu et al., 2021, Table 11). The Trainer decays every trainable matrix toward zero, which for
+# adapters and LoRA means toward the pretrained model unchanged ("no adaptation"; biases are not decayed), and for the
+# prompt shrinks vectors that start as word embeddings toward the zero vector.
 METHOD_RECIPES: dict[str, tuple[float, float]] = {
     "full": (3e-4, 0.01), "head": (1e-2, 0.0), "top": (1e-3, 0.01), "adapters": (1e-3, 0.0), "lora": (1e-3, 0.0),
     "prompt": (1e-2, 0.0)}

@@ -48,9 +48,10 @@ def nsp_pairs(documents: Sequence[Sequence[Sequence[int]]], max_length: int, *, 
     ``[CLS] A [SEP]`` and 1 for ``B [SEP]``, at most ``max_length`` ids: the longer side loses
     tokens from its end (:func:`truncate_pair`). With ``short_seq_prob`` > 0 (BERT's
     ``create_pretraining_data.py`` uses 0.1) that fraction of the examples gets a shorter limit,
-    ``3 + randint(2, max_length - 3)`` ids, so that the model also sees short inputs. Unlike
-    BERT's script, which fills each side with several sentences up to the target length, a side
-    here is one segment: the corpora of this course have short documents.
+    ``3 + randint(2, max_length - 3)`` ids, so that the model also sees short inputs. A side is
+    one segment. BERT's script fills each side with several sentences up to the target length;
+    to do the same, pack each document's sentences into segments first (:func:`pack_segments`),
+    as :func:`minillm.bert_pretraining.bert_task` does for every corpus but SST-2.
 
     Randomness: a ``random.Random`` (Python's Mersenne Twister): ``generator`` itself (advanced
     in place), one seeded with ``generator`` if it is an int, or one seeded with one 63-bit draw
