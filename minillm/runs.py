@@ -36,6 +36,17 @@ from minillm.gpt import GPT, GPTConfig
 from minillm.tokenization import load_library_tokenizer, tokenizer_size
 from minillm.tokenization import load_tokenizer as load_minillm_tokenizer
 
+RUNS_ENV = "MINILLM_RUNS_DIR"
+
+
+def runs_dir() -> pathlib.Path:
+    """Where the notebooks keep their runs, and look for earlier chapters' ones: ``$MINILLM_RUNS_DIR`` or the
+    repository's ``runs/`` (beside ``data/``), whatever folder Jupyter or Python started in. (The chapter
+    scripts' ``--out runs/chNN`` is relative to where they are run: from the repository's root, the same place.)"""
+    override = os.environ.get(RUNS_ENV)
+    return pathlib.Path(override) if override else pathlib.Path(__file__).resolve().parent.parent / "runs"
+
+
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.safetensors"  # the latest full training state: resume from it
 BEST_MODEL = "model.safetensors"  # the weights with the best validation score: sample or fine-tune from it

@@ -19,9 +19,35 @@ def test_every_chapter_script_has_a_notebook():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MINILLM_QUICK", "1")  # inherited by the kernel process
+    monkeypatch.setenv("MINILLM_RUNS_DIR", str(tmp_path / "runs"))  # the notebooks' runs, not the repository's
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the failing cell and traceback, on any error
     errors = [output for cell in notebook.cells if cell.cell_type == "code"
               for output in cell.get("outputs", []) if output.get("output_type") == "error"]
     assert not errors
+
+
+def test_notebooks_find_the_repositorys_runs_folder_whatever_folder_they_start_in(tmp_path):
+    """Jupyter may start in notebooks/ or anywhere else: runs.runs_dir() is <repository>/runs all the same."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "MINILLM_RUNS_DIR"}
+    env["PYTHONPATH"] = str(REPO_ROOT)  # this checkout's minillm, whichever one the environment installed
+    for folder in (REPO_ROOT / "notebooks", tmp_path):
+        printed = subprocess.run([sys.executable, "-c", "from minillm import runs; print(runs.runs_dir())"], cwd=folder,
+                                 env=env, capture_output=True, text=True, check=True).stdout.strip()
+        assert printed == str(REPO_ROOT / "runs")
+    env["MINILLM_RUNS_DIR"] = str(tmp_path / "elsewhere")
+    printed = subprocess.run([sys.executable, "-c", "from minillm import runs; print(runs.runs_dir())"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert printed == str(tmp_path / "elsewhere")
+
+
+def test_no_notebook_writes_runs_relative_to_the_folder_it_started_in():
+    for path in NOTEBOOKS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code":
+                assert '"runs/' not in cell.source and "'runs/" not in cell.source, f"{path.name}: use RUNS (runs.runs_dir())"
