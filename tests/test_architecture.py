@@ -30,7 +30,7 @@ FLOORS = [
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
     {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
     # commands (python -m minillm ...): thin layers over everything below
-    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.pipeline", "__main__"},
+    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline", "__main__"},
 ]
 FLOOR = {name: index for index, names in enumerate(FLOORS) for name in names}
 

@@ -51,3 +51,33 @@ def test_no_notebook_writes_runs_relative_to_the_folder_it_started_in():
         for cell in nbformat.read(path, as_version=4).cells:
             if cell.cell_type == "code":
                 assert '"runs/' not in cell.source and "'runs/" not in cell.source, f"{path.name}: use RUNS (runs.runs_dir())"
+
+
+def test_the_notebooks_command_selects_by_chapter_and_refuses_unknown_ones_and_quick_in_place(capsys):
+    from minillm import MinillmError
+    from minillm.__main__ import main
+    from minillm.commands.notebooks import selected_notebooks
+
+    assert [p.stem for p in selected_notebooks("ch06,ch01")] == ["ch01_hello_pytorch", "ch06_gpt"]
+    assert len(selected_notebooks("")) == len(NOTEBOOKS)
+    with pytest.raises(MinillmError, match="no notebook matches ch99"):
+        selected_notebooks("ch01,ch99")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["notebooks", "--quick"])  # quick outputs must never replace the committed notebooks
+    assert exit_info.value.code == 2 and "--quick needs --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_notebooks_command_saves_an_executed_notebook_with_its_outputs_and_figures(tmp_path, monkeypatch):
+    from minillm.__main__ import main
+
+    monkeypatch.setenv("MINILLM_RUNS_DIR", str(tmp_path / "runs"))
+    before = (REPO_ROOT / "notebooks" / "ch01_hello_pytorch.ipynb").read_bytes()
+    assert main(["notebooks", "--quick", "--only", "ch01", "--out", str(tmp_path)]) == 0
+    executed = nbformat.read(tmp_path / "ch01_hello_pytorch.ipynb", as_version=4)
+    code = [cell for cell in executed.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count for cell in code)
+    outputs = [output for cell in code for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    assert any("image/png" in output.get("data", {}) for output in outputs)  # its figures are in the file
+    assert (REPO_ROOT / "notebooks" / "ch01_hello_pytorch.ipynb").read_bytes() == before  # the committed one untouched

@@ -23,6 +23,7 @@ def commands() -> dict[str, Command]:
     from minillm.commands.bench import BenchConfig, run_bench
     from minillm.commands.finetune import FinetuneCommandConfig, run_finetune
     from minillm.commands.generate import GenerateConfig, generate
+    from minillm.commands.notebooks import NotebooksConfig, run_notebooks
     from minillm.commands.pipeline import PipelineConfig, run_pipeline
     from minillm.pretrain import GPTPretrainConfig, pretrain_gpt
 
@@ -35,6 +36,8 @@ def commands() -> dict[str, Command]:
         "finetune": Command(FinetuneCommandConfig, run_finetune, "fine-tune a pretrained BERT run as a sentiment classifier "
                                                                  "(full, head-only, top layers, adapters, LoRA, prompt tuning)"),
         "generate": Command(GenerateConfig, generate, "sample text from a pretrained GPT run"),
+        "notebooks": Command(NotebooksConfig, run_notebooks, "execute the chapter notebooks and save them with their "
+                                                             "outputs and figures"),
         "bench": Command(BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape, or of BERT "
                                                  "pretraining against Hugging Face's"),
     }
