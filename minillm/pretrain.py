@@ -95,7 +95,7 @@ class GPTPretrainConfig(TrainConfig):
     positions: Literal["learned", "rotary"] = field(default="learned", metadata={"help": "learned position embeddings or rotary"})
     sample_tokens: int = field(default=300, metadata={"help": "tokens to sample at the end (0: none)"})
     # nanoGPT's CPU recipe trains this shape with lr 1e-3 -> 1e-4; GPT-2's init and warmup let this small model
-    # take 3x that, which in the same 2,000 steps ends ~0.12 nats lower (README, chapter 06).
+    # take 3x that, which in the same 2,000 steps ends ~0.12 nats lower (docs/ch06_gpt.md).
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=3e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     QUICK = {"max_iters": 30, "eval_interval": 10, "eval_iters": 2, "n_layer": 2, "n_head": 2, "n_embd": 32,

@@ -144,7 +144,7 @@ print((during.hblkhd - before.hblkhd) >> 20, after.fordblks >> 20)  # MiB mmappe
 def test_keep_freed_memory_serves_a_step_from_the_heap_and_keeps_it_after_free():
     """By default glibc maps a 16 MiB block with its own mmap and unmaps it on free, so the next step's block
     is new pages, each first write a page fault (~2,500 a step for nanoGPT's CPU shape, ~10x fewer kept: the
-    bench numbers in the README). Kept, the block comes from the heap and stays there, free, for the next
+    bench numbers in docs/ch06_gpt.md). Kept, the block comes from the heap and stays there, free, for the next
     step. What is checked is the allocator's own accounting (mallinfo2), which does not depend on load;
     counting page faults does (a busy machine added ~300 a step), so that is a measurement, not a test.
     Fresh processes, because the setting cannot be undone in this one."""

@@ -38,7 +38,7 @@ from minillm.timing import flops_per_token, peak_flops, synchronize
 from minillm.train import TrainConfig, make_optimizer
 
 PRESETS = {
-    # nanoGPT's CPU recipe for Tiny Shakespeare (the speed reference in the README)
+    # nanoGPT's CPU recipe for Tiny Shakespeare (the speed reference in docs/ch06_gpt.md)
     "cpu-recipe": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, batch_size=12),
     # nanoGPT's "baby GPT" for Tiny Shakespeare on a GPU
     "baby-gpt": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, batch_size=64),
