@@ -76,8 +76,29 @@ def execute_notebook(path: pathlib.Path, out: pathlib.Path, timeout: int, quick:
     finally:
         os.environ.clear()
         os.environ.update(environment)
+    seconds = time.perf_counter() - start
+    stamp_execution(notebook, seconds, quick)
     atomic_write_text(out, nbformat.writes(notebook) + "\n")
-    return time.perf_counter() - start
+    return seconds
+
+
+EXECUTION_NOTE = "execution-note"  # the tag of the markdown cell that says where a notebook's outputs come from
+
+
+def stamp_execution(notebook, seconds: float, quick: bool) -> None:
+    """Say, in the notebook's last cell, where its saved outputs come from: the machine, the date, the command."""
+    import datetime
+
+    import nbformat
+    import torch
+
+    machine = (f"an {torch.cuda.get_device_name(0)} GPU" if torch.cuda.is_available()
+               else f"a {os.cpu_count()}-core CPU without a GPU")
+    size = "the quick configuration" if quick else "its full configuration"
+    text = (f"*The outputs above come from one run of {size} on {machine}, "
+            f"{datetime.date.today().isoformat()}, {seconds / 60:.1f} minutes, saved by `python -m minillm notebooks`.*")
+    notebook.cells = [cell for cell in notebook.cells if EXECUTION_NOTE not in cell.get("metadata", {}).get("tags", [])]
+    notebook.cells.append(nbformat.v4.new_markdown_cell(text, metadata={"tags": [EXECUTION_NOTE]}))
 
 
 def run_notebooks(config: NotebooksConfig) -> list[pathlib.Path]:
