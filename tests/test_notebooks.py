@@ -98,3 +98,14 @@ def test_a_committed_notebook_keeps_its_outputs_figures_and_where_they_come_from
     assert not [output for output in outputs if output.output_type == "error"], f"{path.name} saved an error: {again}"
     assert any("image/png" in output.get("data", {}) for output in outputs), f"{path.name} shows no figure: {again}"
     assert "execution-note" in notebook.cells[-1].get("metadata", {}).get("tags", []), f"{path.name}: {again}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_ends_with_exercises_whose_solutions_are_collapsed_and_checked(path):
+    cells = nbformat.read(path, as_version=4).cells
+    assert any(cell.cell_type == "markdown" and "## Exercises" in cell.source for cell in cells), path.name
+    solutions = [cell for cell in cells if "solution" in cell.get("metadata", {}).get("tags", [])]
+    assert len(solutions) >= 3, f"{path.name}: {len(solutions)} solution cells"
+    for cell in solutions:
+        assert cell.cell_type == "code" and cell.metadata.get("jupyter", {}).get("source_hidden"), path.name
+        assert "assert " in cell.source, f"{path.name}: a solution that checks nothing cannot fail"
