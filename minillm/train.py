@@ -327,8 +327,8 @@ class Trainer:
         # and saved in checkpoints, so a resumed run adds them up in exactly the same order.
         self.interval_sum = torch.tensor(self.state.interval_loss_sum, dtype=torch.float64, device=self.device)
         # A micro-batch's first and last finite losses, for a divergence's diagnosis (:meth:`_divergence`)
-        self.first_loss = torch.tensor(math.nan, dtype=torch.float64, device=self.device)
-        self.last_finite_loss = self.first_loss.clone()
+        self.first_loss = None  # the first micro-batch's loss, kept as a tensor (set in the first step)
+        self.last_finite_loss = torch.tensor(math.nan, dtype=torch.float64, device=self.device)
         self.logged = (self.state.interval_loss_sum, self.state.interval_steps)  # (sum, steps) at the last log line
         stopped_early = False
         self.model.train()
@@ -437,9 +437,10 @@ class Trainer:
                     loss = self.task.loss(train_model, batch) / c.grad_accum
                 loss.backward()
             self.interval_sum += loss.detach().double()
-            finite_loss = torch.where(torch.isfinite(loss.detach()), loss.detach().double(), self.last_finite_loss)
-            self.last_finite_loss = finite_loss  # no host sync: read only if the run diverges
-            self.first_loss = torch.where(torch.isnan(self.first_loss), finite_loss, self.first_loss)
+            self.last_finite_loss = torch.where(torch.isfinite(loss.detach()), loss.detach().double(),
+                                                self.last_finite_loss)  # no host sync: read only if the run diverges
+            if self.first_loss is None:
+                self.first_loss = loss.detach().double()
             tokens = self.task.batch_tokens(batch) * c.grad_accum * self.dist.world_size
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -470,7 +471,8 @@ class Trainer:
         kept = f"the last good checkpoint ({self.out / CHECKPOINT}, if any) is kept"
         scale = self.config.grad_accum  # the micro-batch losses were divided by it
         last, first = self.last_finite_loss.item() * scale, self.first_loss.item() * scale
-        typical = min([loss for _, loss in self.state.history if math.isfinite(loss)] + [first])
+        typical = min([loss for _, loss in self.state.history if math.isfinite(loss)]
+                      + [value for value in (first, last) if math.isfinite(value)], default=math.nan)
         if math.isfinite(last) and last <= 2.0 * typical + 1.0:
             return (f"the loss became NaN or infinite by step {step:,} right after an ordinary loss of {last:.3f}, "
                     "without the rise a too-high learning rate gives first: one batch gave no defined loss, which "
