@@ -39,7 +39,8 @@ from minillm.checkpoint import (
     save_weights,
 )
 from minillm.config import QuickConfig
-from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, pick_device, seed_everything
+from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, seed_everything
+from minillm.distributed import Distributed, setup_distributed  # noqa: F401 (Distributed: re-exported)
 from minillm.files import atomic_write_text, write_json
 from minillm.runs import (
     BEST_MODEL,
@@ -113,41 +114,6 @@ class TrainConfig(QuickConfig):
 
 
 TRAIN_FIELDS = {name for name in TrainConfig.__dataclass_fields__}
-
-
-# ---------------------------------------------------------------------------------------------
-# Data parallelism
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_request: str) -> tuple[Distributed, torch.device]:
-    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK in the
-    environment): NCCL between GPUs, gloo between CPU processes. Without torchrun, one process."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Distributed(), pick_device(device_request)
-    info = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_request)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return info, device
 
 
 # ---------------------------------------------------------------------------------------------
