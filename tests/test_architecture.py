@@ -25,8 +25,8 @@ FLOORS = [
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
     # the models
     {"gpt", "bert", "transformer"},
-    # the training loop and the run folders it writes
-    {"runs", "train"},
+    # the training loop, the run folders it writes, and what training needs in memory
+    {"runs", "train", "memory"},
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
     {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
     # commands (python -m minillm ...): thin layers over everything below
