@@ -203,6 +203,7 @@ def plot_memory_per_rank(config: GPTConfig, tokens_per_rank: int, path: str | os
     activations = training_memory(config, tokens_per_rank, precision).activations / GiB
     ax.axhline(activations, color="grey", linestyle="--", label="activations alone")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set(xlabel="ranks N", ylabel="GiB per rank", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
