@@ -215,23 +215,28 @@ def plot_memory_per_rank(config: GPTConfig, tokens_per_rank: int, path: str | os
 # ---------------------------------------------------------------------------------------------
 
 
-def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = ()) -> int:
-    """The bytes of the tensors autograd saves for the backward pass while ``forward()`` runs, each storage counted
-    once, leaving out the storages of ``exclude`` (pass the model's parameters: they are not activations). Under
-    autocast the 16-bit copies of the weights are new tensors and are counted; :func:`split_saved_bytes` tells them
-    apart."""
-    return sum(size for size, _ in _saved_storages(forward, exclude).values())
+def saved_activation_bytes(model: torch.nn.Module, compute_loss: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while ``compute_loss()`` runs a forward pass.
+
+    These are a training step's activations: what the backward pass will read (a linear layer's input, to form its
+    weight's gradient; a softmax's output; ...). Autograd saves only what some gradient needs, so the memory depends
+    on what trains: with every weight frozen but the head, the body's activations are not saved at all (chapter 09).
+    Counted with :func:`torch.autograd.graph.saved_tensors_hooks`: every distinct storage saved once, except
+    ``model``'s parameters (under autocast their 16-bit copies are new tensors and do count: :func:`split_saved_bytes`
+    tells them apart). The graph is then dropped without a backward pass.
+    """
+    return sum(size for size, _ in _saved_storages(compute_loss, list(model.parameters())).values())
 
 
-def split_saved_bytes(forward: Callable[[], torch.Tensor], model: torch.nn.Module) -> dict[str, int]:
-    """What autograd saves while ``forward()`` runs, split into ``activations`` and ``weight_copies`` (16-bit saved
+def split_saved_bytes(model: torch.nn.Module, compute_loss: Callable[[], torch.Tensor]) -> dict[str, int]:
+    """What autograd saves while ``compute_loss()`` runs, split into ``activations`` and ``weight_copies`` (16-bit saved
     tensors shaped like the weight of one of ``model``'s linear layers, or its transpose: autocast's copies);
     parameters left out. Shapes decide, so no activation may be shaped like a weight (e.g. B·T = n_embd)."""
     parameters = list(model.parameters())
     matrix_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     matrix_shapes |= {shape[::-1] for shape in matrix_shapes}
     split = {"activations": 0, "weight_copies": 0}
-    for size, (shape, dtype) in _saved_storages(forward, parameters).values():
+    for size, (shape, dtype) in _saved_storages(compute_loss, parameters).values():
         is_copy = shape in matrix_shapes and dtype in (torch.float16, torch.bfloat16)
         split["weight_copies" if is_copy else "activations"] += size
     return split
@@ -248,7 +253,8 @@ def _saved_storages(forward: Callable[[], torch.Tensor], exclude: Sequence[torch
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
+        loss = forward()
+    del loss
     return seen
 
 

@@ -43,7 +43,7 @@ def test_fp32_activation_formula_equals_the_bytes_autograd_saves(config, batch, 
     once; the parameters are not activations), plus the 4-byte loss, which is per batch, not per token."""
     length = data.draw(st.integers(1, config.block_size))
     model = GPT(config)
-    saved = memory.saved_activation_bytes(_forward(model, batch, length, config.vocab_size), list(model.parameters()))
+    saved = memory.saved_activation_bytes(model, _forward(model, batch, length, config.vocab_size))
     per_token = memory.activation_bytes_per_token(config, "fp32")
     assert saved == batch * length * (config.n_layer * per_token["per_block"] + per_token["outside"]) + 4
 
@@ -60,7 +60,7 @@ def test_autocast_fp16_activation_formula_and_weight_copies_equal_what_autograd_
     model = GPT(config)
     forward = _forward(model, batch, length, config.vocab_size)
     with torch.autocast("cpu", dtype=torch.float16):
-        split = memory.split_saved_bytes(forward, model)
+        split = memory.split_saved_bytes(model, forward)
     per_token = memory.activation_bytes_per_token(config, "amp")
     assert split["activations"] == batch * length * (config.n_layer * per_token["per_block"] + per_token["outside"]) + 4
     assert split["weight_copies"] == 2 * memory.matmul_parameter_count(config)
