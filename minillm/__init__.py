@@ -8,7 +8,7 @@ them; tests/test_architecture.py keeps them). From the bottom:
 - data: ``data``, ``datasets``, ``tokenization``, ``checkpoint``, ``hpsearch``
 - parts: ``attention``, ``layers``, ``hf``, and chapters 02-05's small models ``bow``, ``reversal``,
   ``number_words``
-- models: ``gpt``, ``bert``, ``transformer``
+- models: ``gpt``, ``bert``, ``transformer``, and ``tensor_parallel`` (a GPT block split over processes)
 - the loop: ``train`` (``Trainer``, ``Task``) and ``runs`` (run folders)
 - recipes: ``pretrain``, ``bert_pretraining``, ``finetune``, ``peft``, ``contrastive``, ``nanogpt``
 - commands: ``minillm.commands`` (``python -m minillm ...``); the chapter scripts ship as ``minillm.chapters``
