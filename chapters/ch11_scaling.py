@@ -1,0 +1,105 @@
+"""Chapter 11: making a model fit, and scaling it out over several processes.
+
+Counts where a GPT's training memory goes (weights, gradients, AdamW states, activations) and how DDP and
+ZeRO-1/2/3 (FSDP) divide it over N ranks, checked against what PyTorch really holds; shows why fp16 needs a loss
+scaler and bf16 does not; measures what activation checkpointing saves; and splits a model over processes three
+ways, each written by hand first and then done with PyTorch's own engine, the two checked equal: fully sharded
+data parallelism (a real `pretrain gpt` run under torchrun), tensor parallelism (Megatron's column- and
+row-parallel layers) and pipeline parallelism (GPipe and 1F1B, and the bubble they leave).
+
+    python chapters/ch11_scaling.py            # a few minutes on a 2-core CPU
+    python chapters/ch11_scaling.py --quick    # under a minute; what the tests run
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from dataclasses import asdict, dataclass, field
+
+from minillm import memory, plots
+from minillm.config import QuickConfig, run_chapter
+from minillm.distributed import spawn
+from minillm.files import write_json
+from minillm.gpt import GPTConfig
+from minillm.tensor_parallel import demonstrate as tensor_parallel_demo
+
+GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0)
+GPT2_XL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600, dropout=0.0)
+
+
+@dataclass
+class Config(QuickConfig):
+    """Chapter 11: memory arithmetic, fp16 loss scaling, activation checkpointing, FSDP, tensor and pipeline
+    parallelism."""
+
+    ranks: int = field(default=8, metadata={"help": "ranks N in the memory table (the GPUs of one machine)"})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per rank in the memory table (of 1,024 tokens)"})
+    processes: int = field(default=2, metadata={"help": "CPU processes the parallel demonstrations run on"})
+    n_layer: int = field(default=4, metadata={"help": "layers of the small GPT the measurements train"})
+    n_embd: int = field(default=128, metadata={"help": "width of that GPT"})
+    n_head: int = field(default=4, metadata={"help": "attention heads of that GPT"})
+    block_size: int = field(default=64, metadata={"help": "context of that GPT"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step in the measurements"})
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    out: str = field(default="runs/ch11", metadata={"help": "folder for plots and results.json"})
+    QUICK = {"n_layer": 2, "n_embd": 64, "block_size": 32, "batch_size": 4}
+
+    def validate(self):
+        for name in ("ranks", "micro_batch", "processes", "n_layer", "n_embd", "n_head", "block_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+
+
+def memory_section(config: Config, out: pathlib.Path) -> dict:
+    """1. Where the memory goes: the table for GPT-2 small and XL, and the formula checked on a small GPT."""
+    tokens = config.micro_batch * 1024
+    for name, gpt in (("GPT-2 small (124M)", GPT2_SMALL), ("GPT-2 XL (1.6B)", GPT2_XL)):
+        print(f"\n{name}: {memory.parameter_count(gpt):,} parameters, {config.micro_batch} x 1,024 tokens per rank, "
+              f"16-bit weights and gradients + fp32 master weights and AdamW moments (GiB per rank)")
+        print(memory.memory_table(gpt, tokens, config.ranks))
+    memory.plot_memory_per_rank(GPT2_XL, tokens, out / "memory_per_rank.png",
+                                title=f"GPT-2 XL, {config.micro_batch} x 1,024 tokens per rank")
+    return {"gpt2_xl_per_rank_gib": {sharding: memory.training_memory(GPT2_XL, tokens, "zero-mixed", config.ranks,
+                                                                       sharding).total / memory.GiB
+                                     for sharding in memory.SHARDINGS}}
+
+
+def tensor_parallel_section(config: Config) -> dict:
+    """5. Tensor parallelism: one block split over the processes, by hand and with DTensor, against the whole block."""
+    ranks = spawn(tensor_parallel_demo, config.processes)
+    first = ranks[0]
+    print(f"\nTensor parallelism over {config.processes} processes (one GPT block, fp32):")
+    for name, shape in first["weight_shapes"].items():
+        if len(shape) == 2:
+            print(f"  {name:<22} whole {str(first['full_weight_shapes'][name]):<12} -> on each rank {shape}")
+    print(f"  all-reduces per block: {first['all_reduces_forward']} forward, {first['all_reduces_backward']} backward "
+          f"(DTensor: {first['engine_all_reduces_forward']} and {first['engine_all_reduces_backward']}), "
+          f"{first['bytes_per_all_reduce'][0]:,} bytes each")
+    print(f"  largest difference to the whole block: output {first['output_difference']:.1e}, weight gradients "
+          f"{first['weight_gradient_difference']:.1e} (DTensor: {first['engine_output_difference']:.1e})")
+    return {key: first[key] for key in ("all_reduces_forward", "all_reduces_backward", "engine_all_reduces_forward",
+                                        "engine_all_reduces_backward", "output_difference",
+                                        "weight_gradient_difference", "engine_output_difference",
+                                        "parameter_bytes", "full_parameter_bytes")}
+
+
+def main(config: Config) -> dict:
+    start, out = time.perf_counter(), pathlib.Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"config": asdict(config)}
+    results["memory"] = memory_section(config, out)
+    results["tensor_parallel"] = tensor_parallel_section(config)
+    results["seconds"] = time.perf_counter() - start
+    results["summary"] = (f"ZeRO-3 on {config.ranks} ranks: GPT-2 XL needs "
+                          f"{results['memory']['gpt2_xl_per_rank_gib']['zero3']:.1f} GiB per rank "
+                          f"(DDP: {results['memory']['gpt2_xl_per_rank_gib']['ddp']:.1f})")
+    write_json(out / "results.json", results)
+    print(f"\n{results['summary']}\nresults in {out}/results.json ({results['seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    run_chapter(main, Config)
