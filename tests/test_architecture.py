@@ -23,8 +23,8 @@ FLOORS = [
      "checkpoint", "hpsearch"},
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
-    # the models
-    {"gpt", "bert", "transformer"},
+    # the models, and a GPT cut into pipeline stages (chapter 11)
+    {"gpt", "bert", "transformer", "pipeline_parallel"},
     # the training loop and the run folders it writes
     {"runs", "train"},
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
