@@ -23,8 +23,8 @@ FLOORS = [
      "checkpoint", "hpsearch"},
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
-    # the models, and a model's blocks split over processes (tensor parallelism)
-    {"gpt", "bert", "transformer", "tensor_parallel"},
+    # the models, and a model split over processes: its blocks (tensor parallelism), its layers (pipeline stages)
+    {"gpt", "bert", "transformer", "tensor_parallel", "pipeline_parallel"},
     # the training loop, the run folders it writes, and what training needs in memory
     {"runs", "train", "memory"},
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
