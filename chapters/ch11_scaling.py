@@ -22,6 +22,7 @@ from minillm.config import QuickConfig, run_chapter
 from minillm.distributed import spawn
 from minillm.files import write_json
 from minillm.gpt import GPTConfig
+from minillm.pipeline_parallel import bubble_demonstration, gpipe_bubble_fraction, pipeline_matches_unsplit
 from minillm.tensor_parallel import demonstrate as tensor_parallel_demo
 
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0)
@@ -43,12 +44,21 @@ class Config(QuickConfig):
     batch_size: int = field(default=8, metadata={"help": "sequences per step in the measurements"})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     out: str = field(default="runs/ch11", metadata={"help": "folder for plots and results.json"})
-    QUICK = {"n_layer": 2, "n_embd": 64, "block_size": 32, "batch_size": 4}
+    micro_batches: str = field(default="1,2,4,8", metadata={"help": "GPipe micro-batch counts the bubble is measured for"})
+    stage_seconds: float = field(default=0.02, metadata={"help": "forward time of a pipeline stage in the bubble "
+                                                                  "measurement (backward: twice that)"})
+    QUICK = {"n_layer": 2, "n_embd": 64, "block_size": 32, "batch_size": 4, "micro_batches": "1,2,4",
+             "stage_seconds": 0.005}
 
     def validate(self):
         for name in ("ranks", "micro_batch", "processes", "n_layer", "n_embd", "n_head", "block_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        counts = [int(m) for m in self.micro_batches.split(",") if m.strip()]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"--micro-batches must list counts of at least 1, got {self.micro_batches!r}")
+        if not self.stage_seconds > 0:
+            raise ValueError(f"--stage-seconds must be positive, got {self.stage_seconds}")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
 
@@ -86,12 +96,38 @@ def tensor_parallel_section(config: Config) -> dict:
                                         "parameter_bytes", "full_parameter_bytes")}
 
 
+def pipeline_section(config: Config, out: pathlib.Path) -> dict:
+    """6. Pipeline parallelism: GPipe by hand and torch's GPipe and 1F1B against the unsplit model; the bubble."""
+    counts = [int(m) for m in config.micro_batches.split(",") if m.strip()]
+    equal = pipeline_matches_unsplit(n_stages=config.processes, micro_batch_counts=(1, 2, 4))
+    print(f"\nPipeline parallelism, a GPT in {config.processes} stages (float64), against the unsplit model:")
+    for key, differences in equal.items():
+        if isinstance(key, tuple):
+            print(f"  {key[0]:<12} m = {key[1]}: loss difference {differences['loss difference']:.1e}, "
+                  f"gradient difference {differences['gradient difference']:.1e}")
+    bubble = bubble_demonstration(out, micro_batch_counts=counts, forward_seconds=config.stage_seconds,
+                                  backward_seconds=2 * config.stage_seconds)
+    print("  GPipe's bubble, 2 stages: m, measured idle share (mean of the stages), formula (p-1)/(m+p-1)")
+    measured = {m: sum(row["measured"]) / len(row["measured"]) for m, row in bubble["measured"].items()}
+    for m, share in measured.items():
+        print(f"    m = {m}: {share:.3f}  vs  {float(gpipe_bubble_fraction(2, m)):.3f}")
+    for schedule, row in bubble["simulated"].items():
+        print(f"  simulated {schedule}, 4 stages, 8 micro-batches: bubble {float(max(row['bubble'])):.3f} on every stage, micro-batches "
+              f"held per stage at most {row['peak in flight']}")
+    return {"largest_difference": max(max(d["loss difference"], d["gradient difference"]) for k, d in equal.items()
+                                      if isinstance(k, tuple)),
+            "bubble": {str(m): {"measured": share, "formula": float(gpipe_bubble_fraction(2, m))} for m, share in measured.items()},
+            "simulated": {schedule: {"bubble": [float(b) for b in row["bubble"]], "peak_in_flight": row["peak in flight"]}
+                          for schedule, row in bubble["simulated"].items()}}
+
+
 def main(config: Config) -> dict:
     start, out = time.perf_counter(), pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": asdict(config)}
     results["memory"] = memory_section(config, out)
     results["tensor_parallel"] = tensor_parallel_section(config)
+    results["pipeline_parallel"] = pipeline_section(config, out)
     results["seconds"] = time.perf_counter() - start
     results["summary"] = (f"ZeRO-3 on {config.ranks} ranks: GPT-2 XL needs "
                           f"{results['memory']['gpt2_xl_per_rank_gib']['zero3']:.1f} GiB per rank "
