@@ -32,6 +32,7 @@ from conftest import REPO_ROOT
 from minillm import MinillmError
 from minillm.checkpoint import read_safetensors
 from minillm.distributed import spawn
+from minillm.fully_sharded import shard_model
 from minillm.gpt import GPT, GPTConfig
 from minillm.pretrain import LanguageModelingTask
 from minillm.runs import BEST_MODEL, CHECKPOINT, RESULTS
@@ -62,10 +63,22 @@ def train_config(out, batch_size: int, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def train(out, batch_size: int, stop_after: int | None = None, task=None, **overrides):
+def trainer(out, batch_size: int, task=None, **overrides) -> Trainer:
     torch.manual_seed(0)  # the same initial weights in every process and in the one-process reference
-    config = train_config(out, batch_size, **overrides)
-    return Trainer(GPT(MODEL), task or lm_task(), config, log=lambda message: None).fit(stop_after=stop_after)
+    return Trainer(GPT(MODEL), task or lm_task(), train_config(out, batch_size, **overrides), log=lambda message: None)
+
+
+def train(out, batch_size: int, stop_after: int | None = None, task=None, **overrides):
+    return trainer(out, batch_size, task, **overrides).fit(stop_after=stop_after)
+
+
+def clipped_gradients(model, rank: int = 0, world_size: int = 1) -> tuple[float, dict]:
+    """The gradient's global norm and the whole gradient after clipping to 0.05, for a global batch of 4."""
+    batch = lm_task().sample_batch(4 // world_size, torch.Generator().manual_seed(0), "cpu", rank, world_size)
+    LanguageModelingTask.loss(model, batch).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    full = {name: getattr(p.grad, "full_tensor", p.grad.detach)() for name, p in model.named_parameters()}
+    return float(getattr(norm, "full_tensor", norm.detach)()), full
 
 
 class NaNInProcessOne(LanguageModelingTask):
@@ -93,7 +106,17 @@ def _sharded_runs(rank: int, world_size: int, folder: str) -> str:
 
     folder = pathlib.Path(folder)
     for optimizer in OPTIMIZERS:
-        train(folder / f"fsdp-{optimizer}", 2, parallel="fsdp", optimizer=optimizer)
+        sharded = trainer(folder / f"fsdp-{optimizer}", 2, parallel="fsdp", optimizer=optimizer)
+        sharded.fit()
+        if optimizer == "minillm":  # what this process holds, in elements, against the whole model
+            sharded.model.reshard()  # the last forward (an evaluation, no backward) left the root unsharded
+            moments = [value for state in sharded.optimizer.state.values() for key, value in state.items()
+                       if key.startswith("exp_avg")]
+            held = {"weights": (sum(p.to_local().numel() for p in sharded.model.parameters()),
+                                sum(p.numel() for p in sharded.model.parameters())),
+                    "moments": (sum(m.to_local().numel() for m in moments), sum(m.numel() for m in moments))}
+    torch.manual_seed(0)
+    clipping = clipped_gradients(shard_model(GPT(MODEL), "cpu"), rank, world_size)
     train(folder / "fsdp-early", 2, parallel="fsdp", **EARLY_STOPPING)
     train(folder / "fsdp-stopped", 2, stop_after=2, parallel="fsdp")
     if rank == 0:  # each resume gets its own copy of the stopped run
@@ -114,7 +137,8 @@ def _sharded_runs(rank: int, world_size: int, folder: str) -> str:
         message = "no error"
     except MinillmError as error:
         message = str(error)
-    return {"nan": message, "disagreeing": (disagreeing.steps, disagreeing.best_step, disagreeing.val_loss)}
+    return {"nan": message, "disagreeing": (disagreeing.steps, disagreeing.best_step, disagreeing.val_loss),
+            "held": held, "clipping": clipping}
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +176,35 @@ def test_fsdp_takes_the_steps_of_one_process_with_the_global_batch_with_accumula
     """Weights and Adam moments (the whole checkpoint: the same names, the same file layout), the best model and
     the whole-split validation loss, after 4 clipped steps of 2 accumulated micro-batches."""
     folder, _ = runs
-    assert_same_tensors(weights(folder / f"fsdp-{optimizer}" / CHECKPOINT), weights(folder / f"one-{optimizer}" / CHECKPOINT))
-    assert_same_tensors(weights(folder / f"fsdp-{optimizer}" / BEST_MODEL), weights(folder / f"one-{optimizer}" / BEST_MODEL))
-    assert result(folder, f"fsdp-{optimizer}")["val_loss"] == pytest.approx(result(folder, f"one-{optimizer}")["val_loss"],
-                                                                            abs=1e-5)
-    _, header = read_safetensors(folder / f"fsdp-{optimizer}" / CHECKPOINT)
-    _, one_header = read_safetensors(folder / f"one-{optimizer}" / CHECKPOINT)
+    sharded, one = folder / f"fsdp-{optimizer}", folder / f"one-{optimizer}"
+    assert_same_tensors(weights(sharded / CHECKPOINT), weights(one / CHECKPOINT))
+    assert_same_tensors(weights(sharded / BEST_MODEL), weights(one / BEST_MODEL))
+    assert result(folder, sharded.name)["val_loss"] == pytest.approx(result(folder, one.name)["val_loss"], abs=1e-5)
+    _, header = read_safetensors(sharded / CHECKPOINT)
+    _, one_header = read_safetensors(one / CHECKPOINT)
     assert header["optimizer"] == one_header["optimizer"]  # param groups (lr, betas, ...) and scalar state
+
+
+def test_each_process_holds_its_share_of_the_weights_and_adam_moments_not_a_copy(runs):
+    """ZeRO-3: the slices of the processes add up to the model (no element twice), about half each (the
+    7-row embedding splits 4 + 3)."""
+    _, outcomes = runs
+    for kind in ("weights", "moments"):
+        (first, total), (second, same_total) = outcomes[0]["held"][kind], outcomes[1]["held"][kind]
+        assert total == same_total and first + second == total, kind
+        assert max(first, second) < 0.6 * total, kind
+
+
+def test_fsdp_clips_the_whole_gradient_by_its_global_norm_as_one_process_does(runs):
+    """Each process sees only its slice of the gradient; the norm must be that of the whole gradient (a
+    per-slice norm would be smaller and scale each slice by a different factor)."""
+    _, outcomes = runs
+    torch.manual_seed(0)
+    norm, gradients = clipped_gradients(GPT(MODEL))
+    assert norm > 0.05  # the clipping acts
+    for outcome in outcomes:
+        assert outcome["clipping"][0] == pytest.approx(norm, rel=1e-5)
+        assert_same_tensors(outcome["clipping"][1], gradients, rtol=1e-4, atol=1e-8)
 
 
 def test_fsdp_early_stopping_stops_where_one_process_stops_and_restores_the_same_best_model(runs):
