@@ -163,12 +163,14 @@ def pretrain_gpt(config: GPTPretrainConfig, stop_after: int | None = None, log=p
     run_info = runs.run_info("gpt", model_config, data=str(config.corpus_path))
     trainer = Trainer(model, task, config, run_info, log=log)
     result = trainer.fit(stop_after=stop_after, prepare=lambda folder: tokenizer.save(folder / runs.TOKENIZER))
-    if trainer.dist.is_main and config.sample_tokens and not np.isnan(result.val_loss):
+    # A sharded model's forward needs every process (each holds a slice of the weights): all of them sample
+    if (trainer.dist.is_main or trainer.sharded) and config.sample_tokens and not np.isnan(result.val_loss):
         prompt = "\n" if "\n" in getattr(tokenizer, "char_to_id", {"\n": 0}) else " "
         sample = sample_text(model, tokenizer, prompt, config.sample_tokens, temperature=0.8, top_k=200,
                              device=trainer.device, seed=config.seed)
-        atomic_write_text(out / runs.SAMPLES, sample + "\n")
-        log(f"\nA sample (temperature 0.8, top-k 200):\n{sample}\n")
+        if trainer.dist.is_main:
+            atomic_write_text(out / runs.SAMPLES, sample + "\n")
+            log(f"\nA sample (temperature 0.8, top-k 200):\n{sample}\n")
     return result
 
 

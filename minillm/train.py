@@ -7,9 +7,11 @@ torch's fused kernel), linear warmup then cosine decay, gradient accumulation an
 on CUDA and on CPUs with bf16 instructions (``--precision``), ``torch.compile``, an estimate of the
 validation loss every ``eval_interval`` steps and the whole validation split at the end, early stopping,
 the best model kept, a progress bar with loss, tokens/s and ETA, the run folder's log, loss curve and
-checkpoints that resume exactly (:mod:`minillm.runs`). Under ``torchrun`` it runs data-parallel
-(DistributedDataParallel): every process draws its share of one global batch, gradients are averaged,
-and only rank 0 writes anything.
+checkpoints that resume exactly (:mod:`minillm.runs`). Under ``torchrun`` it runs data-parallel: every
+process draws its share of one global batch and gradients are averaged, either with a whole copy of the
+model in each process (``--parallel ddp``, DistributedDataParallel) or with the weights, gradients and
+optimizer state split across the processes (``--parallel fsdp``, :mod:`minillm.fully_sharded`); only
+rank 0 writes anything, and its checkpoints are the files a one-process run writes.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from minillm.checkpoint import (
 )
 from minillm.config import QuickConfig
 from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, seed_everything
-from minillm.distributed import Distributed, setup_distributed  # noqa: F401 (Distributed: re-exported)
+from minillm.distributed import Distributed, accumulating, setup_distributed  # noqa: F401 (Distributed: re-exported)
 from minillm.files import atomic_write_text, write_json
+from minillm.fully_sharded import shard_model
 from minillm.runs import (
     BEST_MODEL,
     CHECKPOINT,
@@ -86,6 +89,10 @@ class TrainConfig(QuickConfig):
         default="auto", metadata={"help": "matmul precision: auto is bf16 autocast on CUDA GPUs and on CPUs with bf16 "
                                           "instructions (AVX512-BF16, AMX), fp32 elsewhere; MINILLM_PRECISION overrides auto"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"})
+    parallel: Literal["ddp", "fsdp"] = field(
+        default="ddp", metadata={"help": "under torchrun: ddp keeps a whole copy of the model in every process and "
+                                         "averages gradients; fsdp (FSDP2, ZeRO-3) splits weights, gradients and "
+                                         "optimizer state across the processes, gathering each block when it runs"})
     seed: int = field(default=1337, metadata={"help": "random seed (initialization, batches, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "delete the run already in --out and start afresh"})
@@ -273,6 +280,10 @@ class Trainer:
         self.out = pathlib.Path(config.out)
         self.dist, self.device = setup_distributed(config.device)
         self.print = (log or (lambda message: print(message, flush=True))) if self.dist.is_main else (lambda message: None)
+        if config.parallel == "fsdp" and not self.dist.enabled:
+            raise MinillmError("--parallel fsdp splits the model across several processes and this run has one: start "
+                               "it with torchrun --nproc_per_node N (N >= 2), or leave out --parallel fsdp")
+        self.sharded = config.parallel == "fsdp"  # the weights, gradients and optimizer state split (FSDP)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -350,6 +361,8 @@ class Trainer:
             dist.barrier()
         seed_everything(c.seed + self.dist.rank)  # dropout differs between processes; batches do not
         self.model.to(self.device)
+        if self.sharded:  # before the optimizer is made: it holds (and updates) each process's slice
+            shard_model(self.model, self.device)
         self.optimizer = make_optimizer(self.model, c, self.device)
         self.generator = torch.Generator().manual_seed(c.seed)  # the data order: the same in every process
         self.state, step = LoopState(), 0
@@ -369,19 +382,21 @@ class Trainer:
         return step
 
     def _training_model(self, step: int) -> torch.nn.Module:
-        """The model the steps run: compiled where it pays (``--compile``), wrapped in DDP under torchrun."""
+        """The model the steps run: compiled where it pays (``--compile``), wrapped in DDP under torchrun (FSDP
+        shards the model itself, in :meth:`_start`)."""
         c = self.config
         use_compile = c.compile == "yes" or (c.compile == "auto" and self.device.type == "cuda")
         maybe_compile(self.model, self.device, enabled=use_compile, log=self.print)
         train_model = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             train_model = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
         if self.device.type == "cpu":
             keep_freed_memory()  # every step's activations reuse the last step's pages, no page faults
         self.print(f"training on {describe_device(self.device, c.precision)}"
-                   + (f", {self.dist.world_size} processes" if self.dist.enabled else "")
+                   + (f", {self.dist.world_size} processes" + (" (fully sharded)" if self.sharded else "")
+                      if self.dist.enabled else "")
                    + f": {sum(p.numel() for p in self.model.parameters()):,} parameters, steps "
                    f"{step:,} -> {c.max_iters:,}, {c.batch_size * c.grad_accum * self.dist.world_size} "
                    "examples per step")
@@ -397,7 +412,7 @@ class Trainer:
         for micro_step in range(c.grad_accum):
             batch = self.task.sample_batch(c.batch_size, self.generator, self.device, self.dist.rank, self.dist.world_size)
             last = micro_step == c.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
+            sync = contextlib.nullcontext() if last else accumulating(train_model)
             with sync:
                 with autocast(self.device, precision=c.precision):
                     loss = self.task.loss(train_model, batch) / c.grad_accum
@@ -418,7 +433,7 @@ class Trainer:
         """The one host sync per log interval: the mean training loss since the last log line, on the progress
         bar and in the history; a loss that is no longer finite stops the run, keeping the last good checkpoint."""
         state = self.state
-        state.interval_loss_sum = self.interval_sum.item()
+        state.interval_loss_sum = self._mean_over_processes(self.interval_sum).item()
         if not math.isfinite(state.interval_loss_sum):
             raise MinillmError(self._divergence(step))
         logged_sum, logged_steps = self.logged
@@ -466,7 +481,7 @@ class Trainer:
         if self._improves(val_loss, val_accuracy):
             state.best_val_loss, state.best_step, state.evals_since_best = val_loss, step, 0
             state.best_val_accuracy = -math.inf if val_accuracy is None else val_accuracy
-            if self.dist.is_main:
+            if self.dist.is_main or self.sharded:  # a sharded model is gathered by every process to rank 0
                 save_weights(self.out / BEST_MODEL, self.model, {"run_info": self.run_info, "step": step,
                                                                  "val_loss": val_loss})
         else:
@@ -526,7 +541,17 @@ class Trainer:
             if right is not None:
                 correct, examples = correct + int(right), examples + n
         self.model.train()
-        return total / count, (correct / examples if self.task.counts_correct else None)
+        return self._rank_zero_decides(total / count, correct / examples if self.task.counts_correct else None)
+
+    def _rank_zero_decides(self, loss: float, accuracy: float | None) -> tuple[float, float | None]:
+        """Rank 0's estimate, in every process. Each process evaluates the same batches on the same weights, but
+        the estimate decides what happens next (keep the best model, stop early), and a process that decided
+        otherwise (a different rounding, one bad batch) would wait forever in a collective its peers skipped."""
+        if not self.dist.enabled:
+            return loss, accuracy
+        values = [loss, accuracy]
+        dist.broadcast_object_list(values, src=0)
+        return values[0], values[1]
 
     def _improves(self, loss: float, accuracy: float | None) -> bool:
         """Is this estimate the best so far: a lower loss, or with ``select_by="accuracy"`` a higher
@@ -536,11 +561,20 @@ class Trainer:
         return (accuracy, -loss) > (self.state.best_val_accuracy, -self.state.best_val_loss)
 
     def _save(self, step: int) -> None:
-        if self.dist.is_main:
+        if self.dist.is_main or self.sharded:  # a sharded model is gathered by every process to rank 0
             save_training_state(self.out / CHECKPOINT, self.model, self.optimizer, step=step,
                                 generators={"data": self.generator},
                                 metadata={"run_info": self.run_info, "train_config": asdict(self.config),
                                           **asdict(self.state)})
+
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over the processes (itself in one process): the training loss of the global
+        batch, the same number in every process, so that all of them see a divergence at the same step."""
+        if not self.dist.enabled:
+            return value
+        total = value.clone()
+        dist.all_reduce(total)
+        return total / self.dist.world_size
 
     def _log_eval(self, entry: dict) -> None:
         if self.dist.is_main:

@@ -16,8 +16,10 @@ PACKAGE = REPO_ROOT / "minillm"
 
 # Bottom to top: what a newcomer reads first is lowest.
 FLOORS = [
-    # foundations: errors, files, devices, configs, plots, timing, metrics, the chapter 01-02 math
-    {"minillm", "files", "device", "distributed", "config", "plots", "timing", "metrics", "gradcheck", "linreg", "optim"},
+    # foundations: errors, files, devices, process groups and sharding, configs, plots, timing, metrics, the chapter
+    # 01-02 math
+    {"minillm", "files", "device", "distributed", "fully_sharded", "config", "plots", "timing", "metrics", "gradcheck",
+     "linreg", "optim"},
     # data and text: readers, cleaning, batching, tokenizers, checkpoints
     {"data", "data.cleaning", "data.padding", "data.lm_blocks", "data.masking", "data.nsp", "datasets", "tokenization",
      "checkpoint", "hpsearch"},
