@@ -17,7 +17,7 @@ import pathlib
 import time
 from dataclasses import asdict, dataclass, field
 
-from minillm import memory, plots
+from minillm import memory
 from minillm.config import QuickConfig, run_chapter
 from minillm.distributed import spawn
 from minillm.files import write_json
