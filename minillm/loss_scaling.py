@@ -30,8 +30,8 @@ from minillm.device import autocast_dtype
 
 
 def as_fp32(value: float) -> float:
-    """``value`` rounded to the nearest float32: GradScaler keeps its scale in a float32 tensor."""
-    return float(np.float32(value))
+    """``value`` rounded to the nearest float32 (inf past its largest): GradScaler keeps its scale in a float32 tensor."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 class DynamicLossScaler:
