@@ -231,7 +231,8 @@ def pretrain_gpt_on_reviews(tokenizer_run: str | os.PathLike, out: str | os.Path
         f"{model_config.n_layer} layers x {model_config.n_embd}, {max_iters:,} steps")
     config = TrainConfig(out=str(out), overwrite=True, max_iters=max_iters, batch_size=32, lr=2e-3, min_lr=2e-4,
                          warmup_iters=min(100, max_iters // 10), eval_interval=max(max_iters // 5, 1), eval_iters=10,
-                         progress=settings.progress, device=settings.device, precision=settings.precision, quick=settings.quick)
+                         progress=settings.progress, device=settings.device, precision=settings.precision, quick=settings.quick,
+                         activation_checkpointing=settings.activation_checkpointing)
     task = LanguageModelingTask(train_ids, val_ids, model_config.block_size, eval_seed=0)
     Trainer(GPT(model_config), task, config, run_info, log=log).fit(
         prepare=lambda folder: save_library_tokenizer(tokenizer, folder / runs.TOKENIZER))

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minillm import MinillmError, RunInterrupted, optim, plots
+from minillm.activation_checkpointing import enable_activation_checkpointing
 from minillm.checkpoint import (
     check_finite,
     load_model_state,
@@ -45,6 +46,7 @@ from minillm.device import autocast, describe_device, keep_freed_memory, maybe_c
 from minillm.distributed import Distributed, accumulating, setup_distributed  # noqa: F401 (Distributed: re-exported)
 from minillm.files import atomic_write_text, write_json
 from minillm.fully_sharded import shard_model
+from minillm.loss_scaling import make_grad_scaler
 from minillm.runs import (
     BEST_MODEL,
     CHECKPOINT,
@@ -85,9 +87,14 @@ class TrainConfig(QuickConfig):
                                           "the validation accuracy, ties broken by the loss"})
     compile: Literal["auto", "yes", "no"] = field(
         default="auto", metadata={"help": "torch.compile the model (auto: on CUDA only, where it pays)"})
-    precision: Literal["auto", "bf16", "fp32"] = field(
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
         default="auto", metadata={"help": "matmul precision: auto is bf16 autocast on CUDA GPUs and on CPUs with bf16 "
-                                          "instructions (AVX512-BF16, AMX), fp32 elsewhere; MINILLM_PRECISION overrides auto"})
+                                          "instructions (AVX512-BF16, AMX), fp32 elsewhere; fp16 is for GPUs without bf16 "
+                                          "(T4, V100) and scales the loss (a gradient scaler skips steps that overflow); "
+                                          "MINILLM_PRECISION overrides auto"})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each Transformer block's activations in the backward pass instead "
+                                         "of keeping them: far less memory, about a third more compute per step"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"})
     parallel: Literal["ddp", "fsdp"] = field(
         default="ddp", metadata={"help": "under torchrun: ddp keeps a whole copy of the model in every process and "
@@ -258,6 +265,7 @@ class LoopState:
     evals_since_best: int = 0
     interval_loss_sum: float = 0.0  # the training losses since the last evaluation, summed
     interval_steps: int = 0
+    skipped_steps: int = 0  # fp16: optimizer steps skipped because a gradient overflowed
 
 
 class Trainer:
@@ -364,6 +372,7 @@ class Trainer:
         if self.sharded:  # before the optimizer is made: it holds (and updates) each process's slice
             shard_model(self.model, self.device)
         self.optimizer = make_optimizer(self.model, c, self.device)
+        self.scaler = make_grad_scaler(self.device, c.precision)  # fp16 only; None for bf16 and fp32
         self.generator = torch.Generator().manual_seed(c.seed)  # the data order: the same in every process
         self.state, step = LoopState(), 0
         if c.resume:
@@ -372,6 +381,8 @@ class Trainer:
             if saved_model != self.run_info.get("model"):
                 raise MinillmError(f"the run in {out} was made with model {saved_model}, not {self.run_info.get('model')}: "
                                    "resume with the same model options, or start a new --out")
+            if self.scaler is not None and "grad_scaler" in header:
+                self.scaler.load_state_dict(header["grad_scaler"])
             step = header["step"]
             self.state = LoopState(**{key: header.get(key, default) for key, default in asdict(LoopState()).items()})
             self._truncate_log(step)
@@ -385,6 +396,7 @@ class Trainer:
         """The model the steps run: compiled where it pays (``--compile``), wrapped in DDP under torchrun (FSDP
         shards the model itself, in :meth:`_start`)."""
         c = self.config
+        checkpointed = enable_activation_checkpointing(self.model) if c.activation_checkpointing else 0
         use_compile = c.compile == "yes" or (c.compile == "auto" and self.device.type == "cuda")
         maybe_compile(self.model, self.device, enabled=use_compile, log=self.print)
         train_model = self.model
@@ -397,6 +409,7 @@ class Trainer:
         self.print(f"training on {describe_device(self.device, c.precision)}"
                    + (f", {self.dist.world_size} processes" + (" (fully sharded)" if self.sharded else "")
                       if self.dist.enabled else "")
+                   + (f", activation checkpointing in {checkpointed} blocks" if checkpointed else "")
                    + f": {sum(p.numel() for p in self.model.parameters()):,} parameters, steps "
                    f"{step:,} -> {c.max_iters:,}, {c.batch_size * c.grad_accum * self.dist.world_size} "
                    "examples per step")
@@ -416,18 +429,38 @@ class Trainer:
             with sync:
                 with autocast(self.device, precision=c.precision):
                     loss = self.task.loss(train_model, batch) / c.grad_accum
-                loss.backward()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             self.interval_sum += loss.detach().double()
             self.last_finite_loss = torch.where(torch.isfinite(loss.detach()), loss.detach().double(),
                                                 self.last_finite_loss)  # no host sync: read only if the run diverges
             if self.first_loss is None:
                 self.first_loss = loss.detach().double()
             tokens = self.task.batch_tokens(batch) * c.grad_accum * self.dist.world_size
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # fp16: the gradients divided by the loss scale, before clipping
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaled_step()
         self.optimizer.zero_grad(set_to_none=True)
         return tokens
+
+    def _scaled_step(self) -> None:
+        """fp16: the optimizer step, skipped by the gradient scaler when a gradient overflowed (counted), then the
+        loss scale's update (halved after an overflow, doubled after 2000 good steps; :mod:`minillm.loss_scaling`)."""
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:  # it backed off: this step's gradients overflowed, the step was skipped
+            self.state.skipped_steps += 1
+
+    def _scaler_report(self) -> str:
+        """fp16: the loss scale and the steps skipped so far, for the log lines; empty for bf16 and fp32."""
+        if self.scaler is None:
+            return ""
+        return f", loss scale 2^{math.log2(self.scaler.get_scale()):g}, {self.state.skipped_steps:,} steps skipped"
 
     def _log_progress(self, step: int, lr: float) -> None:
         """The one host sync per log interval: the mean training loss since the last log line, on the progress
@@ -471,9 +504,12 @@ class Trainer:
         elapsed = time.perf_counter() - self.interval_start
         entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                  "tokens_per_s": self.interval_tokens / elapsed if elapsed > 0 else 0.0}
+        if self.scaler is not None:
+            entry |= {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.state.skipped_steps}
         self._log_eval(entry if val_accuracy is None else {**entry, "val_accuracy": val_accuracy})
         message = f"step {step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
         message += "" if val_accuracy is None else f", val accuracy {val_accuracy:.1%}"
+        message += self._scaler_report()
         self.bar.write(message) if not self.bar.disable else self.print(message)
         state.interval_loss_sum, state.interval_steps = 0.0, 0
         self.interval_sum.zero_()
@@ -507,13 +543,15 @@ class Trainer:
         loss_unit = self.task.loss_unit  # only a per-token loss has a perplexity
         perplexity = f", perplexity {result.val_perplexity:.2f}" if loss_unit == "nats/token" else ""
         accuracy = "" if val_accuracy is None else f", accuracy {val_accuracy:.1%}"
-        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}{accuracy}")
+        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}{accuracy}"
+                   + (f" (fp16{self._scaler_report()})" if self.scaler is not None else ""))
         if self.dist.is_main:
             write_json(out / RESULTS, {"steps": step, "best_step": result.best_step,
                                        "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,
                                        "val_perplexity": result.val_perplexity, "train_seconds": seconds,
                                        "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early,
-                                       **({} if val_accuracy is None else {"val_accuracy": val_accuracy})})
+                                       **({} if val_accuracy is None else {"val_accuracy": val_accuracy}),
+                                       **({} if self.scaler is None else {"skipped_steps": state.skipped_steps})})
             plot_run(out, ylabel=f"loss ({loss_unit})")
         return result
 
@@ -565,7 +603,8 @@ class Trainer:
             save_training_state(self.out / CHECKPOINT, self.model, self.optimizer, step=step,
                                 generators={"data": self.generator},
                                 metadata={"run_info": self.run_info, "train_config": asdict(self.config),
-                                          **asdict(self.state)})
+                                          **asdict(self.state),
+                                          **({} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()})})
 
     def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of ``value`` over the processes (itself in one process): the training loss of the global
