@@ -3,14 +3,15 @@
 One module per idea, on floors: topics below, commands on top (the README's architecture section draws
 them; tests/test_architecture.py keeps them). From the bottom:
 
-- foundations: ``files``, ``device``, ``distributed``, ``config``, ``plots``, ``timing``, ``metrics``, ``gradcheck``,
+- foundations: ``files``, ``device``, ``distributed``, ``fully_sharded``, ``loss_scaling``, ``config``, ``plots``, ``timing``, ``metrics``, ``gradcheck``,
   ``linreg``, ``optim``
 - data: ``data``, ``datasets``, ``tokenization``, ``checkpoint``, ``hpsearch``
 - parts: ``attention``, ``layers``, ``hf``, and chapters 02-05's small models ``bow``, ``reversal``,
   ``number_words``
-- models: ``gpt``, ``bert``, ``transformer``, and a GPT split over processes: ``tensor_parallel`` (its
-  blocks' matrices), ``pipeline_parallel`` (its layers, in stages)
-- the loop: ``train`` (``Trainer``, ``Task``), ``runs`` (run folders) and ``memory`` (what training holds)
+- models: ``gpt``, ``bert``, ``transformer``; ``memory`` (what training them holds) and
+  ``activation_checkpointing``; a GPT split over processes: ``tensor_parallel`` (its blocks' matrices),
+  ``pipeline_parallel`` (its layers, in stages)
+- the loop: ``train`` (``Trainer``, ``Task``) and ``runs`` (run folders)
 - recipes: ``pretrain``, ``bert_pretraining``, ``finetune``, ``peft``, ``contrastive``, ``nanogpt``
 - commands: ``minillm.commands`` (``python -m minillm ...``); the chapter scripts ship as ``minillm.chapters``
 """

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from minillm import MinillmError
 from minillm.gpt import Block
 from minillm.layers import DecoderBlock, EncoderBlock
+from minillm.memory import saved_tensors
 
 BLOCK_TYPES = (Block, EncoderBlock, DecoderBlock)  # GPT's block; BERT's and the Transformer's encoder and decoder blocks
 
@@ -96,32 +97,11 @@ class StepCost:
 
 def saved_activations(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> tuple[int, int]:
     """``(bytes, storages)`` that one forward pass of ``loss_of(model)`` keeps for its backward pass, then runs the
-    backward pass. Counted exactly, on any device: every tensor autograd saves passes through a
-    ``saved_tensors_hooks`` pack hook, and every block's input goes through a forward pre-hook (a checkpointed
-    block keeps its input to recompute from, outside autograd's saved tensors; a plain block's first layer saves
-    it anyway). Each storage is counted once (q, k and v are views of one tensor); parameters are not counted."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, torch.Tensor] = {}  # storage address -> a tensor on it (held, so no address is reused)
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in parameters:
-            kept.setdefault(tensor.untyped_storage().data_ptr(), tensor)
-        return tensor
-
-    def keep_block_input(block, args, kwargs):
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                keep(value)
-
-    handles = [block.register_forward_pre_hook(keep_block_input, with_kwargs=True) for block in transformer_blocks(model)]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            loss = loss_of(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    total = sum(tensor.untyped_storage().nbytes() for tensor in kept.values())
-    count = len(kept)
+    backward pass. Counted exactly, on any device, by :func:`minillm.memory.saved_tensors`: every tensor autograd
+    saves, and every block's input (a checkpointed block keeps its input to recompute from, outside autograd's
+    saved tensors); each storage once; parameters are not counted."""
+    loss, kept = saved_tensors(model, lambda: loss_of(model), transformer_blocks(model))
+    total, count = sum(tensor.untyped_storage().nbytes() for tensor in kept.values()), len(kept)
     kept.clear()
     loss.backward()
     return total, count

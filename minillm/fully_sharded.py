@@ -25,6 +25,8 @@ cutting each process's slice out of the full tensors (:func:`load_full_model_sta
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,26 +39,19 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The members of the model's ``nn.ModuleList``\\ s: GPT's ``blocks``, BERT's ``layers``, the encoder-decoder's
-    ``encoder`` and ``decoder``: the units FSDP gathers one at a time. Inner lists come first (children are
-    sharded before their parents)."""
-    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
-    return [block for module_list in reversed(lists) for block in module_list]
-
-
-def shard_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device | str, blocks: Sequence[nn.Module]) -> nn.Module:
     """Shard ``model`` (already on ``device``) over the processes of the default group, in place, and return it.
 
-    Each Transformer block becomes one unit of all-gather and reduce-scatter, then the model itself takes
-    the remaining parameters. NCCL between GPUs, gloo between CPU processes: the device mesh is the
+    Each of ``blocks`` (the model's Transformer blocks:
+    :func:`minillm.activation_checkpointing.transformer_blocks`) becomes one unit of all-gather and
+    reduce-scatter, then the model itself takes the remaining parameters. NCCL between GPUs, gloo between CPU processes: the device mesh is the
     process group laid out on one axis.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
-    for block in transformer_blocks(model):
+    for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

@@ -215,47 +215,62 @@ def plot_memory_per_rank(config: GPTConfig, tokens_per_rank: int, path: str | os
 # ---------------------------------------------------------------------------------------------
 
 
+def saved_tensors(model: torch.nn.Module, compute_loss: Callable[[], torch.Tensor],
+                  blocks: Sequence[torch.nn.Module] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run ``compute_loss()`` and return its loss and what its backward pass will read: ``{storage address: a
+    tensor on it}`` for every tensor autograd saves (each storage once, so q, k and v, views of one tensor, count
+    once), leaving out ``model``'s parameters, and the inputs of ``blocks`` (a checkpointed block keeps its input
+    to recompute from, outside autograd's saved tensors; a plain block's first layer saves it anyway). Counted
+    with :func:`torch.autograd.graph.saved_tensors_hooks`; the tensors are held, so no address is reused."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in parameters:
+            kept.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        return tensor
+
+    def keep_block_input(block, args, kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                keep(value)
+
+    handles = [block.register_forward_pre_hook(keep_block_input, with_kwargs=True) for block in blocks]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = compute_loss()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return loss, kept
+
+
 def saved_activation_bytes(model: torch.nn.Module, compute_loss: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for the backward pass while ``compute_loss()`` runs a forward pass.
+    """Bytes of the tensors autograd saves for the backward pass while ``compute_loss()`` runs a forward pass
+    (:func:`saved_tensors`; the graph is then dropped without a backward pass).
 
     These are a training step's activations: what the backward pass will read (a linear layer's input, to form its
     weight's gradient; a softmax's output; ...). Autograd saves only what some gradient needs, so the memory depends
     on what trains: with every weight frozen but the head, the body's activations are not saved at all (chapter 09).
-    Counted with :func:`torch.autograd.graph.saved_tensors_hooks`: every distinct storage saved once, except
-    ``model``'s parameters (under autocast their 16-bit copies are new tensors and do count: :func:`split_saved_bytes`
-    tells them apart). The graph is then dropped without a backward pass.
+    Under autocast the 16-bit copies of the weights are new tensors and count: :func:`split_saved_bytes` tells them
+    apart.
     """
-    return sum(size for size, _ in _saved_storages(compute_loss, list(model.parameters())).values())
+    _, kept = saved_tensors(model, compute_loss)
+    return sum(tensor.untyped_storage().nbytes() for tensor in kept.values())
 
 
 def split_saved_bytes(model: torch.nn.Module, compute_loss: Callable[[], torch.Tensor]) -> dict[str, int]:
     """What autograd saves while ``compute_loss()`` runs, split into ``activations`` and ``weight_copies`` (16-bit saved
     tensors shaped like the weight of one of ``model``'s linear layers, or its transpose: autocast's copies);
     parameters left out. Shapes decide, so no activation may be shaped like a weight (e.g. B·T = n_embd)."""
-    parameters = list(model.parameters())
     matrix_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     matrix_shapes |= {shape[::-1] for shape in matrix_shapes}
     split = {"activations": 0, "weight_copies": 0}
-    for size, (shape, dtype) in _saved_storages(compute_loss, parameters).values():
-        is_copy = shape in matrix_shapes and dtype in (torch.float16, torch.bfloat16)
-        split["weight_copies" if is_copy else "activations"] += size
+    _, kept = saved_tensors(model, compute_loss)
+    for tensor in kept.values():
+        is_copy = tuple(tensor.shape) in matrix_shapes and tensor.dtype in (torch.float16, torch.bfloat16)
+        split["weight_copies" if is_copy else "activations"] += tensor.untyped_storage().nbytes()
     return split
-
-
-def _saved_storages(forward: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor]) -> dict[int, tuple]:
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, tuple] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            seen[storage.data_ptr()] = (storage.nbytes(), (tuple(tensor.shape), tensor.dtype))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = forward()
-    del loss
-    return seen
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

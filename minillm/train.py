@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minillm import MinillmError, RunInterrupted, optim, plots
-from minillm.activation_checkpointing import enable_activation_checkpointing
+from minillm.activation_checkpointing import enable_activation_checkpointing, transformer_blocks
 from minillm.checkpoint import (
     check_finite,
     load_model_state,
@@ -370,7 +370,7 @@ class Trainer:
         seed_everything(c.seed + self.dist.rank)  # dropout differs between processes; batches do not
         self.model.to(self.device)
         if self.sharded:  # before the optimizer is made: it holds (and updates) each process's slice
-            shard_model(self.model, self.device)
+            shard_model(self.model, self.device, transformer_blocks(self.model))
         self.optimizer = make_optimizer(self.model, c, self.device)
         self.scaler = make_grad_scaler(self.device, c.precision)  # fp16 only; None for bf16 and fp32
         self.generator = torch.Generator().manual_seed(c.seed)  # the data order: the same in every process

@@ -25,11 +25,11 @@ FLOORS = [
      "checkpoint", "hpsearch"},
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
-    # the models; activation checkpointing of their blocks; a model split over processes: its blocks (tensor
-    # parallelism), its layers (pipeline stages)
-    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel"},
-    # the training loop, the run folders it writes, and what training needs in memory
-    {"runs", "train", "memory"},
+    # the models; what training them holds in memory, and activation checkpointing of their blocks; a model split
+    # over processes: its blocks (tensor parallelism), its layers (pipeline stages)
+    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory"},
+    # the training loop and the run folders it writes
+    {"runs", "train"},
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
     {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
     # commands (python -m minillm ...): thin layers over everything below

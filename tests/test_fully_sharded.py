@@ -116,7 +116,8 @@ def _sharded_runs(rank: int, world_size: int, folder: str) -> str:
                                 sum(p.numel() for p in sharded.model.parameters())),
                     "moments": (sum(m.to_local().numel() for m in moments), sum(m.numel() for m in moments))}
     torch.manual_seed(0)
-    clipping = clipped_gradients(shard_model(GPT(MODEL), "cpu"), rank, world_size)
+    model = GPT(MODEL)
+    clipping = clipped_gradients(shard_model(model, "cpu", model.blocks), rank, world_size)
     train(folder / "fsdp-early", 2, parallel="fsdp", **EARLY_STOPPING)
     train(folder / "fsdp-stopped", 2, stop_after=2, parallel="fsdp")
     if rank == 0:  # each resume gets its own copy of the stopped run
