@@ -3,8 +3,8 @@
 One module per idea, on floors: topics below, commands on top (the README's architecture section draws
 them; tests/test_architecture.py keeps them). From the bottom:
 
-- foundations: ``files``, ``device``, ``distributed``, ``fully_sharded``, ``loss_scaling``, ``config``, ``plots``, ``timing``, ``metrics``, ``gradcheck``,
-  ``linreg``, ``optim``
+- foundations: ``files``, ``device``, ``distributed`` and ``fully_sharded`` (process groups, FSDP),
+  ``loss_scaling``, ``config``, ``plots``, ``timing``, ``metrics``, ``gradcheck``, ``linreg``, ``optim``
 - data: ``data``, ``datasets``, ``tokenization``, ``checkpoint``, ``hpsearch``
 - parts: ``attention``, ``layers``, ``hf``, and chapters 02-05's small models ``bow``, ``reversal``,
   ``number_words``
