@@ -13,15 +13,22 @@ row-parallel layers) and pipeline parallelism (GPipe and 1F1B, and the bubble th
 
 from __future__ import annotations
 
+import json
 import pathlib
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from minillm import memory
+import torch
+
+from minillm import MinillmError, datasets, memory
+from minillm.activation_checkpointing import compare_activation_checkpointing
 from minillm.config import QuickConfig, run_chapter
 from minillm.distributed import spawn
 from minillm.files import write_json
-from minillm.gpt import GPTConfig
+from minillm.gpt import GPT, GPTConfig
+from minillm.loss_scaling import DynamicLossScaler, activation_gradients, count_underflow, plot_gradient_range
 from minillm.pipeline_parallel import bubble_demonstration, gpipe_bubble_fraction, pipeline_matches_unsplit
 from minillm.tensor_parallel import demonstrate as tensor_parallel_demo
 
@@ -47,11 +54,14 @@ class Config(QuickConfig):
     micro_batches: str = field(default="1,2,4,8", metadata={"help": "GPipe micro-batch counts the bubble is measured for"})
     stage_seconds: float = field(default=0.02, metadata={"help": "forward time of a pipeline stage in the bubble "
                                                                   "measurement (backward: twice that)"})
+    steps: int = field(default=40, metadata={"help": "AdamW steps before the gradients are looked at, and of the "
+                                                     "FSDP and one-process runs"})
     QUICK = {"n_layer": 2, "n_embd": 64, "block_size": 32, "batch_size": 4, "micro_batches": "1,2,4",
-             "stage_seconds": 0.005}
+             "stage_seconds": 0.005, "steps": 10}
 
     def validate(self):
-        for name in ("ranks", "micro_batch", "processes", "n_layer", "n_embd", "n_head", "block_size", "batch_size"):
+        for name in ("ranks", "micro_batch", "processes", "n_layer", "n_embd", "n_head", "block_size", "batch_size",
+                     "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         counts = [int(m) for m in self.micro_batches.split(",") if m.strip()]
@@ -75,6 +85,110 @@ def memory_section(config: Config, out: pathlib.Path) -> dict:
     return {"gpt2_xl_per_rank_gib": {sharding: memory.training_memory(GPT2_XL, tokens, "zero-mixed", config.ranks,
                                                                        sharding).total / memory.GiB
                                      for sharding in memory.SHARDINGS}}
+
+
+def small_gpt(config: Config, dropout: float = 0.0) -> tuple[GPT, torch.Tensor]:
+    """The measurements' GPT over Tiny Shakespeare's characters, and a batch of its text: (B, T + 1) ids."""
+    text = datasets.tiny_shakespeare_path().read_text(encoding="utf-8")[:200_000]
+    alphabet = sorted(set(text))
+    ids = torch.tensor([alphabet.index(ch) for ch in text])
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(vocab_size=len(alphabet), block_size=config.block_size, n_layer=config.n_layer,
+                          n_head=config.n_head, n_embd=config.n_embd, dropout=dropout, bias=False))
+    starts = torch.randint(0, len(ids) - config.block_size - 1, (config.batch_size,))
+    return model, torch.stack([ids[s:s + config.block_size + 1] for s in starts.tolist()])
+
+
+def precision_section(config: Config, out: pathlib.Path) -> dict:
+    """2. fp16 needs a loss scaler, bf16 does not: where a trained GPT's gradients fall against the formats' ranges,
+    and the scaler written by hand taking the same steps as torch.amp.GradScaler."""
+    model, batch = small_gpt(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(config.steps):  # a few steps, so the gradients are a trained model's, not an initialization's
+        model(batch[:, :-1], batch[:, 1:])[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    gradients = activation_gradients(model, lambda m: m(batch[:, :-1], batch[:, 1:])[1])
+    shares = count_underflow(gradients).shares()
+    plot_gradient_range(gradients, out / "gradient_range.png")
+    print(f"\nThe gradients reaching every linear layer's output, after {config.steps} steps ({gradients.numel():,}):")
+    for name, share in shares.items():
+        print(f"  {name:<28} {share:7.2%}")
+
+    # The same 12 fp16 steps with the scaler by hand and with PyTorch's, from a scale so large that it overflows.
+    scales = {}
+    for name, scaler in (("by hand", DynamicLossScaler(2.0**24, growth_interval=3)),
+                         ("torch", torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=3))):
+        model, batch = small_gpt(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scales[name] = []
+        for _ in range(12):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(batch[:, :-1], batch[:, 1:])[1]
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            scales[name].append(scaler.get_scale())
+        scales[name + " weights"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    same_weights = torch.equal(scales["by hand weights"], scales["torch weights"])
+    print("  loss scale after each fp16 step, by hand:", " ".join(f"2^{torch.tensor(s).log2().item():g}"
+                                                                   for s in scales["by hand"]))
+    print(f"  torch.amp.GradScaler: the same scales {scales['by hand'] == scales['torch']}, the same weights {same_weights}")
+    return {"underflow": shares, "scales_equal": scales["by hand"] == scales["torch"], "weights_equal": same_weights}
+
+
+def checkpointing_section(config: Config) -> dict:
+    """3. Activation checkpointing: what a training step keeps for its backward pass, and its time, with and
+    without; the formula of section 1 against the count."""
+    model, batch = small_gpt(config)
+    inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # each its own storage, as the formula counts
+    costs = compare_activation_checkpointing(model, lambda m: m(inputs, targets)[1], repeats=3)
+    tokens = batch.shape[0] * config.block_size
+    predicted = {}
+    for name, checkpointing in (("stored", False), ("recomputed", True)):
+        per_token = memory.activation_bytes_per_token(model.config, "fp32", checkpointing)
+        predicted[name] = tokens * (config.n_layer * per_token["per_block"] + per_token["outside"]) + 4  # + the loss
+    print(f"\nActivation checkpointing, {config.n_layer} blocks, {tokens:,} tokens (fp32):")
+    for name, cost in costs.items():
+        print(f"  {name:<10} keeps {cost.saved_bytes / 2**20:7.2f} MiB for the backward pass (formula "
+              f"{predicted[name] / 2**20:.2f}), {cost.seconds * 1000:6.1f} ms per step")
+    return {name: {"saved_bytes": cost.saved_bytes, "formula_bytes": predicted[name], "seconds": cost.seconds}
+            for name, cost in costs.items()}
+
+
+def fsdp_section(config: Config, out: pathlib.Path) -> dict:
+    """4. FSDP: the same pretraining command in one process with batch 2B, and under torchrun, sharded over
+    the processes with batch B each."""
+    common = ["-m", "minillm", "pretrain", "gpt", "--n-layer", str(config.n_layer), "--n-head", str(config.n_head),
+              "--n-embd", str(config.n_embd), "--block-size", str(config.block_size), "--dropout", "0",
+              "--max-iters", str(config.steps), "--eval-interval", str(config.steps), "--eval-iters", "4",
+              "--warmup-iters", "2", "--precision", "fp32", "--device", "cpu", "--sample-tokens", "0", "--no-progress",
+              "--overwrite"]
+    launches = {"one process": [sys.executable, *common, "--batch-size", str(config.processes * config.batch_size),
+                                "--out", str(out / "one_process")],
+                "FSDP": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                         str(config.processes), *common, "--batch-size", str(config.batch_size), "--parallel", "fsdp",
+                         "--out", str(out / "fsdp")]}
+    results = {}
+    print(f"\nFSDP: `pretrain gpt` in {config.processes} processes, sharded, against one process with their global batch")
+    for name, command in launches.items():
+        started = time.perf_counter()
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+        if finished.returncode != 0:
+            raise MinillmError(f"the {name} run failed: {finished.stderr.strip().splitlines()[-1:]}")
+        run = pathlib.Path(command[command.index("--out") + 1])
+        results[name] = {"val_loss": json.loads((run / "results.json").read_text())["val_loss"],
+                         "seconds": time.perf_counter() - started}
+        print(f"  {name:<12} validation loss {results[name]['val_loss']:.6f} ({results[name]['seconds']:.0f} s with start-up)")
+    results["difference"] = abs(results["FSDP"]["val_loss"] - results["one process"]["val_loss"])
+    print(f"  difference {results['difference']:.1e}: the same steps, the model cut in {config.processes} shards")
+    return results
+
+
+MULTI_NODE = """torchrun --nnodes 2 --nproc-per-node 8 --node-rank 0 \\
+    --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --rdzv-id my-run \\
+    -m minillm pretrain gpt --parallel fsdp --batch-size 8 --out /shared/runs/gpt"""
 
 
 def tensor_parallel_section(config: Config) -> dict:
@@ -126,14 +240,29 @@ def main(config: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {"config": asdict(config)}
     results["memory"] = memory_section(config, out)
+    results["precision"] = precision_section(config, out)
+    results["activation_checkpointing"] = checkpointing_section(config)
+    results["fsdp"] = fsdp_section(config, out)
     results["tensor_parallel"] = tensor_parallel_section(config)
     results["pipeline_parallel"] = pipeline_section(config, out)
+    print(f"\nOn several machines (7): run this on each, --node-rank 1 on the second; HOST0 is machine 0:\n{MULTI_NODE}")
     results["seconds"] = time.perf_counter() - start
-    results["summary"] = (f"ZeRO-3 on {config.ranks} ranks: GPT-2 XL needs "
-                          f"{results['memory']['gpt2_xl_per_rank_gib']['zero3']:.1f} GiB per rank "
-                          f"(DDP: {results['memory']['gpt2_xl_per_rank_gib']['ddp']:.1f})")
+    per_rank, checkpointing = results["memory"]["gpt2_xl_per_rank_gib"], results["activation_checkpointing"]
+    bubble = results["pipeline_parallel"]["bubble"]
+    results["summary"] = {
+        f"GPT-2 XL training memory per rank on {config.ranks} ranks, DDP -> ZeRO-3 (GiB)":
+            f"{per_rank['ddp']:.1f} -> {per_rank['zero3']:.1f}",
+        "activations kept, stored -> recomputed (checkpointing)":
+            f"{checkpointing['stored']['saved_bytes'] / 2**20:.2f} -> {checkpointing['recomputed']['saved_bytes'] / 2**20:.2f} MiB",
+        "gradients that vanish in fp16 / fp16 x 2^16 / bf16":
+            " / ".join(f"{results['precision']['underflow'][k]:.2%}" for k in ("fp16: 0", "fp16 after x2^16: 0", "bf16: 0")),
+        "FSDP vs one process, validation loss difference": f"{results['fsdp']['difference']:.1e}",
+        "GPipe bubble, 2 stages, measured vs formula": ", ".join(f"m={m}: {b['measured']:.2f} vs {b['formula']:.2f}"
+                                                                for m, b in bubble.items()),
+    }
     write_json(out / "results.json", results)
-    print(f"\n{results['summary']}\nresults in {out}/results.json ({results['seconds']:.0f} s)")
+    print("\n" + "\n".join(f"{name}: {value}" for name, value in results["summary"].items()))
+    print(f"results in {out}/results.json ({results['seconds']:.0f} s)")
     return results
 
 
