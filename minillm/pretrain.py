@@ -139,7 +139,8 @@ def tokenize_corpus(config: GPTPretrainConfig, log=print):
     dtype = data.token_dtype(len(tokenizer))
     train_ids = np.asarray(tokenizer.encode(train_text), dtype=dtype)
     val_ids = np.asarray(tokenizer.encode(val_text), dtype=dtype)
-    log(f"{config.corpus_path}: {len(train_text) + len(val_text):,} characters -> {config.tokenizer} tokenizer of {len(tokenizer):,} tokens -> "
+    corpus = config.data or "Tiny Shakespeare"  # the shipped corpus by name, not by this machine's path to it
+    log(f"{corpus}: {len(train_text) + len(val_text):,} characters -> {config.tokenizer} tokenizer of {len(tokenizer):,} tokens -> "
         f"{len(train_ids):,} training / {len(val_ids):,} validation tokens ({time.perf_counter() - start:.1f} s)")
     return tokenizer, train_ids, val_ids
 
