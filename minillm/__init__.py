@@ -3,12 +3,14 @@
 One module per idea, on floors: topics below, commands on top (the README's architecture section draws
 them; tests/test_architecture.py keeps them). From the bottom:
 
-- foundations: ``files``, ``device``, ``config``, ``plots``, ``timing``, ``metrics``, ``gradcheck``,
-  ``linreg``, ``optim``
+- foundations: ``files``, ``device``, ``distributed`` and ``fully_sharded`` (process groups, FSDP),
+  ``loss_scaling``, ``config``, ``plots``, ``timing``, ``metrics``, ``gradcheck``, ``linreg``, ``optim``
 - data: ``data``, ``datasets``, ``tokenization``, ``checkpoint``, ``hpsearch``
 - parts: ``attention``, ``layers``, ``hf``, and chapters 02-05's small models ``bow``, ``reversal``,
   ``number_words``
-- models: ``gpt``, ``bert``, ``transformer``
+- models: ``gpt``, ``bert``, ``transformer``; ``memory`` (what training them holds) and
+  ``activation_checkpointing``; a GPT split over processes: ``tensor_parallel`` (its blocks' matrices),
+  ``pipeline_parallel`` (its layers, in stages)
 - the loop: ``train`` (``Trainer``, ``Task``) and ``runs`` (run folders)
 - recipes: ``pretrain``, ``bert_pretraining``, ``finetune``, ``peft``, ``contrastive``, ``nanogpt``
 - commands: ``minillm.commands`` (``python -m minillm ...``); the chapter scripts ship as ``minillm.chapters``

@@ -349,6 +349,7 @@ def chapter07_pretraining(settings: TrainConfig, log=print) -> Callable[[pathlib
         log(f"Pretraining a BERT first (chapter 07's {'quick' if settings.quick else 'default'} run) into {folder}")
         return pretrain_bert(BertPretrainConfig(out=str(folder), overwrite=True, quick=settings.quick, device=settings.device,
                                                 precision=settings.precision,
+                                                activation_checkpointing=settings.activation_checkpointing,
                                                 **(BertPretrainConfig.QUICK if settings.quick else {})), log=log)
 
     return pretrain

@@ -3,6 +3,10 @@
 Nothing here unpickles: safetensors for tensors (model weights, and whole training states:
 :func:`save_training_state`), JSON for structure (through :mod:`minillm.files`, whose atomic
 writes every file here goes through).
+
+A model sharded over processes (FSDP, :mod:`minillm.fully_sharded`) writes the same files: its weights and
+optimizer state are gathered to rank 0 (every process calls the save functions; rank 0 writes), and loading
+gives each process its slice, so a checkpoint moves freely between one process, DDP and FSDP.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ from typing import Any
 import torch
 
 from minillm.files import atomic_write_bytes
+from minillm.fully_sharded import (
+    gather_model_state,
+    gather_optimizer_state,
+    is_sharded,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints: one safetensors file holding weights, optimizer state and RNG states
@@ -40,6 +51,7 @@ def tied_names(state: dict) -> set[str]:
     tied to ``wte.weight``)."""
     seen, aliases = set(), set()
     for name, tensor in state.items():
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a sharded model's DTensor: this slice
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if tensor.numel() and key in seen:
             aliases.add(name)
@@ -48,14 +60,20 @@ def tied_names(state: dict) -> set[str]:
 
 
 def unique_state_dict(model) -> dict:
-    """The model's state dict, on the CPU, with each tied weight stored once (under its first name)."""
+    """The model's state dict, on the CPU, with each tied weight stored once (under its first name).
+
+    A model sharded over processes (FSDP, :mod:`minillm.fully_sharded`) is gathered: every process must call
+    this; rank 0 receives the whole state dict and the others an empty one."""
+    if is_sharded(model):
+        return gather_model_state(model)
     state = model.state_dict()
     aliases = tied_names(state)
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in aliases}
 
 
 def load_model_state(model, tensors: dict, source: str = "checkpoint") -> None:
-    """Load ``tensors`` into ``model`` (strictly, up to tied weights), with one clear error on a mismatch."""
+    """Load ``tensors`` into ``model`` (strictly, up to tied weights), with one clear error on a mismatch.
+    A sharded model keeps each process's slice of every tensor (every process calls this, with the same tensors)."""
     from minillm import MinillmError
 
     expected = model.state_dict()
@@ -69,7 +87,10 @@ def load_model_state(model, tensors: dict, source: str = "checkpoint") -> None:
             raise MinillmError(f"{source}: {name} has shape {tuple(tensor.shape)}, but the model expects "
                                f"{tuple(expected[name].shape)}: was it made with another model configuration?")
     check_finite(tensors, source)
-    model.load_state_dict(tensors, strict=False)
+    if is_sharded(model):
+        load_full_model_state(model, tensors)
+    else:
+        model.load_state_dict(tensors, strict=False)
 
 
 def check_finite(tensors: dict, source: str = "checkpoint") -> None:
@@ -99,11 +120,21 @@ def tensor_sizes(path: str | os.PathLike, prefix: str = "") -> dict[str, int]:
 
 
 def save_weights(path: str | os.PathLike, model, metadata: dict[str, Any] | None = None) -> pathlib.Path:
-    """Write the model's weights (tied weights once) as safetensors, atomically, with JSON metadata."""
+    """Write the model's weights (tied weights once) as safetensors, atomically, with JSON metadata.
+    A sharded model is gathered first: every process calls this, and rank 0 writes the file."""
     from safetensors.torch import save
 
+    tensors = unique_state_dict(model)
+    if is_sharded(model) and not _is_rank_zero():
+        return pathlib.Path(path)
     header = {"minillm": json.dumps(metadata or {})}
-    return atomic_write_bytes(path, save(unique_state_dict(model), metadata=header))
+    return atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -142,14 +173,18 @@ def _rng_tensors(generators: dict) -> dict:
 def save_training_state(path: str | os.PathLike, model, optimizer, *, step: int, generators: dict | None = None,
                         metadata: dict | None = None) -> pathlib.Path:
     """Write model weights, optimizer state, RNG states (global torch, CUDA and ``generators``, e.g.
-    the data sampler's) and ``metadata`` (JSON-able: step, configs, history) to one safetensors file, atomically."""
+    the data sampler's) and ``metadata`` (JSON-able: step, configs, history) to one safetensors file, atomically.
+    A sharded model and its optimizer are gathered first: every process calls this, and rank 0 writes the file,
+    the same file a one-process run writes."""
     import random
 
     import numpy as np
     from safetensors.torch import save
 
     tensors = {f"model/{name}": tensor for name, tensor in unique_state_dict(model).items()}
-    optimizer_state = optimizer.state_dict()
+    optimizer_state = gather_optimizer_state(model, optimizer) if is_sharded(model) else optimizer.state_dict()
+    if is_sharded(model) and not _is_rank_zero():
+        return pathlib.Path(path)
     scalars: dict[str, dict[str, Any]] = {}
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
@@ -171,7 +206,7 @@ def save_training_state(path: str | os.PathLike, model, optimizer, *, step: int,
 
 def load_training_state(path: str | os.PathLike, model, optimizer, generators: dict | None = None) -> dict:
     """Restore what :func:`save_training_state` wrote into ``model``, ``optimizer`` and the RNGs;
-    return the metadata (with ``step``)."""
+    return the metadata (with ``step``). A sharded model and its optimizer keep each process's slice."""
     import random
 
     import numpy as np
@@ -193,7 +228,10 @@ def load_training_state(path: str | os.PathLike, model, optimizer, generators: d
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise MinillmError(f"{path} holds an optimizer with {len(saved['param_groups'])} parameter groups, "
                            f"this run has {len(optimizer.param_groups)}: was it made with other settings?")
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    if is_sharded(model):  # each process keeps its slice of every moment
+        load_full_optimizer_state(model, optimizer, {"state": state, "param_groups": saved["param_groups"]})
+    else:
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
     cuda_states = [tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in tensors]
     if cuda_states and torch.cuda.is_available():

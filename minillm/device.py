@@ -30,7 +30,7 @@ from minillm import MinillmError
 DEVICE_ENV = "MINILLM_DEVICE"
 COMPILE_ENV = "MINILLM_COMPILE"
 PRECISION_ENV = "MINILLM_PRECISION"
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def _mps_available() -> bool:
@@ -78,7 +78,8 @@ def pick_device(requested: str | None = "auto") -> torch.device:
 def describe_device(device: torch.device, precision: str = "auto") -> str:
     """A one-line human description, e.g. ``cuda:0 (NVIDIA H100, bf16 autocast)``."""
     device = torch.device(device)
-    mode = "bf16 autocast" if autocast_dtype(device, precision) == torch.bfloat16 else "fp32"
+    modes = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, loss scaling", torch.float32: "fp32"}
+    mode = modes[autocast_dtype(device, precision)]
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)}, {mode})"
@@ -117,11 +118,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str = "auto") -> str:
-    """``"auto"``, ``"bf16"`` or ``"fp32"``, with ``"auto"`` replaced by ``MINILLM_PRECISION`` when it is set."""
+    """``"auto"``, ``"bf16"``, ``"fp16"`` or ``"fp32"``, with ``"auto"`` replaced by ``MINILLM_PRECISION`` when it is set."""
     if precision == "auto":
         precision = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
     if precision not in PRECISIONS:
-        raise MinillmError(f"unknown precision {precision!r} (from {PRECISION_ENV}?): use auto, bf16 or fp32")
+        raise MinillmError(f"unknown precision {precision!r} (from {PRECISION_ENV}?): use auto, bf16, fp16 or fp32")
     return precision
 
 
@@ -133,7 +134,9 @@ def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch
     (:func:`cpu_has_native_bf16`). bf16 keeps fp32's exponent range, so no loss scaling is needed;
     weights, gradients and optimizer state stay fp32 (mixed precision, Micikevicius et al., 2018).
     float32 everywhere else: emulated bf16 is slower than fp32, and fp16 would need a gradient
-    scaler. ``"bf16"`` and ``"fp32"`` force a choice (bf16 on MPS is not offered: fp32 there).
+    scaler. ``"bf16"``, ``"fp16"`` and ``"fp32"`` force a choice; ``"fp16"`` is for GPUs without bf16 (T4,
+    V100), and a training step under it needs a loss scaler (:mod:`minillm.loss_scaling`). bf16 and fp16 on MPS
+    are not offered: fp32 there.
     """
     device = torch.device(device)
     precision = resolve_precision(precision)
@@ -141,6 +144,8 @@ def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32

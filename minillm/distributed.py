@@ -14,6 +14,7 @@ CPU processes. Two ways to start them:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import pickle
@@ -49,10 +50,15 @@ class Distributed:
 
 def setup_distributed(device_request: str) -> tuple[Distributed, torch.device]:
     """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK in the
-    environment): NCCL between GPUs, gloo between CPU processes. Without torchrun, one process."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    environment): NCCL between GPUs, gloo between CPU processes. A group joined already (by :func:`spawn`)
+    is used as it is. Without either, one process."""
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        info = Distributed(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+    elif "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(), pick_device(device_request)
-    info = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        info = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     device = pick_device(device_request)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -60,6 +66,16 @@ def setup_distributed(device_request: str) -> tuple[Distributed, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+def accumulating(train_model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The context for a step's micro-batches before its last one (gradient accumulation). DDP skips its
+    all-reduce there (the gradients add up in each process and are averaged once, on the last micro-batch);
+    a sharded model (FSDP) still reduce-scatters every micro-batch, so that each process only ever holds its
+    slice of the gradients; one process has nothing to synchronize."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return train_model.no_sync() if isinstance(train_model, DistributedDataParallel) else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------

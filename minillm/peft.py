@@ -38,6 +38,7 @@ from minillm.bert import BertForSequenceClassification, ClassificationOutput
 from minillm.finetune import GPTForSequenceClassification
 from minillm.gpt import Block
 from minillm.layers import Activation, LayerNorm, make_activation
+from minillm.memory import saved_activation_bytes  # re-exported: chapter 09 measures with it
 
 __all__ = [
     "count_parameters", "training_memory_bytes", "saved_activation_bytes",
@@ -55,7 +56,6 @@ __all__ = [
 Classifier = BertForSequenceClassification | GPTForSequenceClassification
 
 
-
 def _classifier(model: nn.Module) -> Classifier:
     """The classification model itself (unwrapping :class:`PromptTuning`), or a clear TypeError."""
     if isinstance(model, PromptTuning):
@@ -66,7 +66,6 @@ def _classifier(model: nn.Module) -> Classifier:
     return model
 
 
-
 def _blocks_and_top(model: nn.Module) -> tuple[nn.ModuleList, list[nn.Module]]:
     """The Transformer blocks, bottom to top, and what sits between the top block and the classifier:
     BERT's pooler (tanh(W h_[CLS] + b)), GPT's final LayerNorm ``ln_f``."""
@@ -74,7 +73,6 @@ def _blocks_and_top(model: nn.Module) -> tuple[nn.ModuleList, list[nn.Module]]:
     if isinstance(model, BertForSequenceClassification):
         return model.bert.layers, [model.bert.pooler]
     return model.gpt.blocks, [model.gpt.ln_f]
-
 
 
 def _sublayer_outputs(block: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -90,14 +88,12 @@ def _set_trainable(modules: Iterable[nn.Module], trainable: bool) -> None:
         module.requires_grad_(trainable)
 
 
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` numbers of parameters, each tensor counted once (a tied matrix, such as
     GPT's token embedding and output layer, is one tensor)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-
 
 
 def training_memory_bytes(model: nn.Module, optimizer_states_per_param: int = 2) -> int:
@@ -117,35 +113,6 @@ def training_memory_bytes(model: nn.Module, optimizer_states_per_param: int = 2)
     return weights + (1 + optimizer_states_per_param) * trainable
 
 
-
-def saved_activation_bytes(model: nn.Module, compute_loss) -> int:
-    """Bytes of the tensors autograd saves for the backward pass while ``compute_loss()`` runs a forward pass.
-
-    These are a training step's activations: what the backward pass will read (a linear layer's
-    input, to form its weight's gradient; a softmax's output; ...). Autograd saves only what some
-    gradient needs, so the memory depends on what trains: with every weight frozen but the head,
-    the body's activations are not saved at all; with LoRA, adapters or a soft prompt they are
-    (the gradient must flow back through every block to reach the lowest trainable weight).
-    Counted with :func:`torch.autograd.graph.saved_tensors_hooks`: every distinct storage saved,
-    except ``model``'s parameters (counted by :func:`training_memory_bytes`). The graph is then
-    dropped without a backward pass.
-    """
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = compute_loss()
-    del loss
-    return sum(saved.values())
-
-
-
 # ---------------------------------------------------------------------------------------------
 # Freezing
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +124,6 @@ def freeze_all_but_head(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     _classifier(model).classifier.requires_grad_(True)
     return model
-
 
 
 def freeze_except_top_layers(model: nn.Module, k: int) -> nn.Module:
@@ -177,7 +143,6 @@ def freeze_except_top_layers(model: nn.Module, k: int) -> nn.Module:
     _set_trainable(top, True)
     _classifier(model).classifier.requires_grad_(True)
     return model
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +178,6 @@ class Adapter(nn.Module):
         return h + self.up(self.activation(self.down(h)))  # (..., d) -> (..., m) -> (..., d)
 
 
-
 class WithAdapter(nn.Module):
     """``adapter(layer(x))``: a layer followed by an adapter, in the layer's place in the block."""
 
@@ -223,7 +187,6 @@ class WithAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.layer(x))
-
 
 
 def add_adapters(model: nn.Module, bottleneck: int = 64, activation: Activation = "gelu") -> nn.Module:
@@ -262,7 +225,6 @@ def add_adapters(model: nn.Module, bottleneck: int = 64, activation: Activation 
             module.requires_grad_(True)
     _classifier(model).classifier.requires_grad_(True)
     return model
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,17 +285,14 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}"
 
 
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The :class:`LoRALinear` layers of a model, by qualified name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 
-
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] | None = None,
@@ -382,7 +341,6 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules
     return model
 
 
-
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` by its merged plain ``nn.Linear`` (W₀ + (α/r) B A): the
     fine-tuned model at the cost of the original one. Returns the model (changed in place)."""
@@ -391,10 +349,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-
 def _word_embeddings(model: Classifier) -> nn.Embedding:
     return model.bert.embeddings.word_embeddings if isinstance(model, BertForSequenceClassification) else model.gpt.wte
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +411,6 @@ class PromptTuning(nn.Module):
         return self.model(*args, prompt_embeddings=self.prompt, **kwargs)
 
 
-
 def apply_prompt_tuning(model: nn.Module, n_prompt_tokens: int = 20, init: Literal["vocab", "random"] = "vocab",
                         generator: torch.Generator | None = None) -> PromptTuning:
     """Freeze the classifier's body and wrap it in :class:`PromptTuning`: only the prompt (P·d_model
@@ -490,7 +445,6 @@ METHODS = ("full", "head", "top", "adapters", "lora", "prompt")
 METHOD_RECIPES: dict[str, tuple[float, float]] = {
     "full": (3e-4, 0.01), "head": (1e-2, 0.0), "top": (1e-3, 0.01), "adapters": (1e-3, 0.0), "lora": (1e-3, 0.0),
     "prompt": (1e-2, 0.0)}
-
 
 
 @dataclass

@@ -139,7 +139,8 @@ def tokenize_corpus(config: GPTPretrainConfig, log=print):
     dtype = data.token_dtype(len(tokenizer))
     train_ids = np.asarray(tokenizer.encode(train_text), dtype=dtype)
     val_ids = np.asarray(tokenizer.encode(val_text), dtype=dtype)
-    log(f"{config.corpus_path}: {len(train_text) + len(val_text):,} characters -> {config.tokenizer} tokenizer of {len(tokenizer):,} tokens -> "
+    corpus = config.data or "Tiny Shakespeare"  # the shipped corpus by name, not by this machine's path to it
+    log(f"{corpus}: {len(train_text) + len(val_text):,} characters -> {config.tokenizer} tokenizer of {len(tokenizer):,} tokens -> "
         f"{len(train_ids):,} training / {len(val_ids):,} validation tokens ({time.perf_counter() - start:.1f} s)")
     return tokenizer, train_ids, val_ids
 
@@ -163,12 +164,14 @@ def pretrain_gpt(config: GPTPretrainConfig, stop_after: int | None = None, log=p
     run_info = runs.run_info("gpt", model_config, data=str(config.corpus_path))
     trainer = Trainer(model, task, config, run_info, log=log)
     result = trainer.fit(stop_after=stop_after, prepare=lambda folder: tokenizer.save(folder / runs.TOKENIZER))
-    if trainer.dist.is_main and config.sample_tokens and not np.isnan(result.val_loss):
+    # A sharded model's forward needs every process (each holds a slice of the weights): all of them sample
+    if (trainer.dist.is_main or trainer.sharded) and config.sample_tokens and not np.isnan(result.val_loss):
         prompt = "\n" if "\n" in getattr(tokenizer, "char_to_id", {"\n": 0}) else " "
         sample = sample_text(model, tokenizer, prompt, config.sample_tokens, temperature=0.8, top_k=200,
                              device=trainer.device, seed=config.seed)
-        atomic_write_text(out / runs.SAMPLES, sample + "\n")
-        log(f"\nA sample (temperature 0.8, top-k 200):\n{sample}\n")
+        if trainer.dist.is_main:
+            atomic_write_text(out / runs.SAMPLES, sample + "\n")
+            log(f"\nA sample (temperature 0.8, top-k 200):\n{sample}\n")
     return result
 
 
@@ -229,7 +232,8 @@ def pretrain_gpt_on_reviews(tokenizer_run: str | os.PathLike, out: str | os.Path
         f"{model_config.n_layer} layers x {model_config.n_embd}, {max_iters:,} steps")
     config = TrainConfig(out=str(out), overwrite=True, max_iters=max_iters, batch_size=32, lr=2e-3, min_lr=2e-4,
                          warmup_iters=min(100, max_iters // 10), eval_interval=max(max_iters // 5, 1), eval_iters=10,
-                         progress=settings.progress, device=settings.device, precision=settings.precision, quick=settings.quick)
+                         progress=settings.progress, device=settings.device, precision=settings.precision, quick=settings.quick,
+                         activation_checkpointing=settings.activation_checkpointing)
     task = LanguageModelingTask(train_ids, val_ids, model_config.block_size, eval_seed=0)
     Trainer(GPT(model_config), task, config, run_info, log=log).fit(
         prepare=lambda folder: save_library_tokenizer(tokenizer, folder / runs.TOKENIZER))

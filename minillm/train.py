@@ -7,9 +7,11 @@ torch's fused kernel), linear warmup then cosine decay, gradient accumulation an
 on CUDA and on CPUs with bf16 instructions (``--precision``), ``torch.compile``, an estimate of the
 validation loss every ``eval_interval`` steps and the whole validation split at the end, early stopping,
 the best model kept, a progress bar with loss, tokens/s and ETA, the run folder's log, loss curve and
-checkpoints that resume exactly (:mod:`minillm.runs`). Under ``torchrun`` it runs data-parallel
-(DistributedDataParallel): every process draws its share of one global batch, gradients are averaged,
-and only rank 0 writes anything.
+checkpoints that resume exactly (:mod:`minillm.runs`). Under ``torchrun`` it runs data-parallel: every
+process draws its share of one global batch and gradients are averaged, either with a whole copy of the
+model in each process (``--parallel ddp``, DistributedDataParallel) or with the weights, gradients and
+optimizer state split across the processes (``--parallel fsdp``, :mod:`minillm.fully_sharded`); only
+rank 0 writes anything, and its checkpoints are the files a one-process run writes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minillm import MinillmError, RunInterrupted, optim, plots
+from minillm.activation_checkpointing import enable_activation_checkpointing, transformer_blocks
 from minillm.checkpoint import (
     check_finite,
     load_model_state,
@@ -40,8 +43,10 @@ from minillm.checkpoint import (
 )
 from minillm.config import QuickConfig
 from minillm.device import autocast, describe_device, keep_freed_memory, maybe_compile, seed_everything
-from minillm.distributed import Distributed, setup_distributed  # noqa: F401 (Distributed: re-exported)
+from minillm.distributed import Distributed, accumulating, setup_distributed  # noqa: F401 (Distributed: re-exported)
 from minillm.files import atomic_write_text, write_json
+from minillm.fully_sharded import shard_model
+from minillm.loss_scaling import make_grad_scaler
 from minillm.runs import (
     BEST_MODEL,
     CHECKPOINT,
@@ -82,10 +87,19 @@ class TrainConfig(QuickConfig):
                                           "the validation accuracy, ties broken by the loss"})
     compile: Literal["auto", "yes", "no"] = field(
         default="auto", metadata={"help": "torch.compile the model (auto: on CUDA only, where it pays)"})
-    precision: Literal["auto", "bf16", "fp32"] = field(
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
         default="auto", metadata={"help": "matmul precision: auto is bf16 autocast on CUDA GPUs and on CPUs with bf16 "
-                                          "instructions (AVX512-BF16, AMX), fp32 elsewhere; MINILLM_PRECISION overrides auto"})
+                                          "instructions (AVX512-BF16, AMX), fp32 elsewhere; fp16 is for GPUs without bf16 "
+                                          "(T4, V100) and scales the loss (a gradient scaler skips steps that overflow); "
+                                          "MINILLM_PRECISION overrides auto"})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each Transformer block's activations in the backward pass instead "
+                                         "of keeping them: far less memory, about a third more compute per step"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"})
+    parallel: Literal["ddp", "fsdp"] = field(
+        default="ddp", metadata={"help": "under torchrun: ddp keeps a whole copy of the model in every process and "
+                                         "averages gradients; fsdp (FSDP2, ZeRO-3) splits weights, gradients and "
+                                         "optimizer state across the processes, gathering each block when it runs"})
     seed: int = field(default=1337, metadata={"help": "random seed (initialization, batches, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "delete the run already in --out and start afresh"})
@@ -251,6 +265,7 @@ class LoopState:
     evals_since_best: int = 0
     interval_loss_sum: float = 0.0  # the training losses since the last evaluation, summed
     interval_steps: int = 0
+    skipped_steps: int = 0  # fp16: optimizer steps skipped because a gradient overflowed
 
 
 class Trainer:
@@ -273,6 +288,10 @@ class Trainer:
         self.out = pathlib.Path(config.out)
         self.dist, self.device = setup_distributed(config.device)
         self.print = (log or (lambda message: print(message, flush=True))) if self.dist.is_main else (lambda message: None)
+        if config.parallel == "fsdp" and not self.dist.enabled:
+            raise MinillmError("--parallel fsdp splits the model across several processes and this run has one: start "
+                               "it with torchrun --nproc_per_node N (N >= 2), or leave out --parallel fsdp")
+        self.sharded = config.parallel == "fsdp"  # the weights, gradients and optimizer state split (FSDP)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -350,7 +369,10 @@ class Trainer:
             dist.barrier()
         seed_everything(c.seed + self.dist.rank)  # dropout differs between processes; batches do not
         self.model.to(self.device)
+        if self.sharded:  # before the optimizer is made: it holds (and updates) each process's slice
+            shard_model(self.model, self.device, transformer_blocks(self.model))
         self.optimizer = make_optimizer(self.model, c, self.device)
+        self.scaler = make_grad_scaler(self.device, c.precision)  # fp16 only; None for bf16 and fp32
         self.generator = torch.Generator().manual_seed(c.seed)  # the data order: the same in every process
         self.state, step = LoopState(), 0
         if c.resume:
@@ -359,6 +381,8 @@ class Trainer:
             if saved_model != self.run_info.get("model"):
                 raise MinillmError(f"the run in {out} was made with model {saved_model}, not {self.run_info.get('model')}: "
                                    "resume with the same model options, or start a new --out")
+            if self.scaler is not None and "grad_scaler" in header:
+                self.scaler.load_state_dict(header["grad_scaler"])
             step = header["step"]
             self.state = LoopState(**{key: header.get(key, default) for key, default in asdict(LoopState()).items()})
             self._truncate_log(step)
@@ -369,19 +393,23 @@ class Trainer:
         return step
 
     def _training_model(self, step: int) -> torch.nn.Module:
-        """The model the steps run: compiled where it pays (``--compile``), wrapped in DDP under torchrun."""
+        """The model the steps run: compiled where it pays (``--compile``), wrapped in DDP under torchrun (FSDP
+        shards the model itself, in :meth:`_start`)."""
         c = self.config
+        checkpointed = enable_activation_checkpointing(self.model) if c.activation_checkpointing else 0
         use_compile = c.compile == "yes" or (c.compile == "auto" and self.device.type == "cuda")
         maybe_compile(self.model, self.device, enabled=use_compile, log=self.print)
         train_model = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             train_model = DistributedDataParallel(self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
         if self.device.type == "cpu":
             keep_freed_memory()  # every step's activations reuse the last step's pages, no page faults
         self.print(f"training on {describe_device(self.device, c.precision)}"
-                   + (f", {self.dist.world_size} processes" if self.dist.enabled else "")
+                   + (f", {self.dist.world_size} processes" + (" (fully sharded)" if self.sharded else "")
+                      if self.dist.enabled else "")
+                   + (f", activation checkpointing in {checkpointed} blocks" if checkpointed else "")
                    + f": {sum(p.numel() for p in self.model.parameters()):,} parameters, steps "
                    f"{step:,} -> {c.max_iters:,}, {c.batch_size * c.grad_accum * self.dist.world_size} "
                    "examples per step")
@@ -397,28 +425,48 @@ class Trainer:
         for micro_step in range(c.grad_accum):
             batch = self.task.sample_batch(c.batch_size, self.generator, self.device, self.dist.rank, self.dist.world_size)
             last = micro_step == c.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
+            sync = contextlib.nullcontext() if last else accumulating(train_model)
             with sync:
                 with autocast(self.device, precision=c.precision):
                     loss = self.task.loss(train_model, batch) / c.grad_accum
-                loss.backward()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             self.interval_sum += loss.detach().double()
             self.last_finite_loss = torch.where(torch.isfinite(loss.detach()), loss.detach().double(),
                                                 self.last_finite_loss)  # no host sync: read only if the run diverges
             if self.first_loss is None:
                 self.first_loss = loss.detach().double()
             tokens = self.task.batch_tokens(batch) * c.grad_accum * self.dist.world_size
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # fp16: the gradients divided by the loss scale, before clipping
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaled_step()
         self.optimizer.zero_grad(set_to_none=True)
         return tokens
+
+    def _scaled_step(self) -> None:
+        """fp16: the optimizer step, skipped by the gradient scaler when a gradient overflowed (counted), then the
+        loss scale's update (halved after an overflow, doubled after 2000 good steps; :mod:`minillm.loss_scaling`)."""
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:  # it backed off: this step's gradients overflowed, the step was skipped
+            self.state.skipped_steps += 1
+
+    def _scaler_report(self) -> str:
+        """fp16: the loss scale and the steps skipped so far, for the log lines; empty for bf16 and fp32."""
+        if self.scaler is None:
+            return ""
+        return f", loss scale 2^{math.log2(self.scaler.get_scale()):g}, {self.state.skipped_steps:,} steps skipped"
 
     def _log_progress(self, step: int, lr: float) -> None:
         """The one host sync per log interval: the mean training loss since the last log line, on the progress
         bar and in the history; a loss that is no longer finite stops the run, keeping the last good checkpoint."""
         state = self.state
-        state.interval_loss_sum = self.interval_sum.item()
+        state.interval_loss_sum = self._mean_over_processes(self.interval_sum).item()
         if not math.isfinite(state.interval_loss_sum):
             raise MinillmError(self._divergence(step))
         logged_sum, logged_steps = self.logged
@@ -456,9 +504,12 @@ class Trainer:
         elapsed = time.perf_counter() - self.interval_start
         entry = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                  "tokens_per_s": self.interval_tokens / elapsed if elapsed > 0 else 0.0}
+        if self.scaler is not None:
+            entry |= {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.state.skipped_steps}
         self._log_eval(entry if val_accuracy is None else {**entry, "val_accuracy": val_accuracy})
         message = f"step {step:,}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
         message += "" if val_accuracy is None else f", val accuracy {val_accuracy:.1%}"
+        message += self._scaler_report()
         self.bar.write(message) if not self.bar.disable else self.print(message)
         state.interval_loss_sum, state.interval_steps = 0.0, 0
         self.interval_sum.zero_()
@@ -466,7 +517,7 @@ class Trainer:
         if self._improves(val_loss, val_accuracy):
             state.best_val_loss, state.best_step, state.evals_since_best = val_loss, step, 0
             state.best_val_accuracy = -math.inf if val_accuracy is None else val_accuracy
-            if self.dist.is_main:
+            if self.dist.is_main or self.sharded:  # a sharded model is gathered by every process to rank 0
                 save_weights(self.out / BEST_MODEL, self.model, {"run_info": self.run_info, "step": step,
                                                                  "val_loss": val_loss})
         else:
@@ -492,13 +543,15 @@ class Trainer:
         loss_unit = self.task.loss_unit  # only a per-token loss has a perplexity
         perplexity = f", perplexity {result.val_perplexity:.2f}" if loss_unit == "nats/token" else ""
         accuracy = "" if val_accuracy is None else f", accuracy {val_accuracy:.1%}"
-        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}{accuracy}")
+        self.print(f"best model: step {result.best_step:,}; whole validation split: loss {val_loss:.4f}{perplexity}{accuracy}"
+                   + (f" (fp16{self._scaler_report()})" if self.scaler is not None else ""))
         if self.dist.is_main:
             write_json(out / RESULTS, {"steps": step, "best_step": result.best_step,
                                        "best_val_loss_estimate": result.best_val_loss, "val_loss": val_loss,
                                        "val_perplexity": result.val_perplexity, "train_seconds": seconds,
                                        "tokens_per_s": result.tokens_per_s, "stopped_early": stopped_early,
-                                       **({} if val_accuracy is None else {"val_accuracy": val_accuracy})})
+                                       **({} if val_accuracy is None else {"val_accuracy": val_accuracy}),
+                                       **({} if self.scaler is None else {"skipped_steps": state.skipped_steps})})
             plot_run(out, ylabel=f"loss ({loss_unit})")
         return result
 
@@ -526,7 +579,17 @@ class Trainer:
             if right is not None:
                 correct, examples = correct + int(right), examples + n
         self.model.train()
-        return total / count, (correct / examples if self.task.counts_correct else None)
+        return self._rank_zero_decides(total / count, correct / examples if self.task.counts_correct else None)
+
+    def _rank_zero_decides(self, loss: float, accuracy: float | None) -> tuple[float, float | None]:
+        """Rank 0's estimate, in every process. Each process evaluates the same batches on the same weights, but
+        the estimate decides what happens next (keep the best model, stop early), and a process that decided
+        otherwise (a different rounding, one bad batch) would wait forever in a collective its peers skipped."""
+        if not self.dist.enabled:
+            return loss, accuracy
+        values = [loss, accuracy]
+        dist.broadcast_object_list(values, src=0)
+        return values[0], values[1]
 
     def _improves(self, loss: float, accuracy: float | None) -> bool:
         """Is this estimate the best so far: a lower loss, or with ``select_by="accuracy"`` a higher
@@ -536,11 +599,21 @@ class Trainer:
         return (accuracy, -loss) > (self.state.best_val_accuracy, -self.state.best_val_loss)
 
     def _save(self, step: int) -> None:
-        if self.dist.is_main:
+        if self.dist.is_main or self.sharded:  # a sharded model is gathered by every process to rank 0
             save_training_state(self.out / CHECKPOINT, self.model, self.optimizer, step=step,
                                 generators={"data": self.generator},
                                 metadata={"run_info": self.run_info, "train_config": asdict(self.config),
-                                          **asdict(self.state)})
+                                          **asdict(self.state),
+                                          **({} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()})})
+
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over the processes (itself in one process): the training loss of the global
+        batch, the same number in every process, so that all of them see a divergence at the same step."""
+        if not self.dist.enabled:
+            return value
+        total = value.clone()
+        dist.all_reduce(total)
+        return total / self.dist.world_size
 
     def _log_eval(self, entry: dict) -> None:
         if self.dist.is_main:

@@ -16,15 +16,18 @@ PACKAGE = REPO_ROOT / "minillm"
 
 # Bottom to top: what a newcomer reads first is lowest.
 FLOORS = [
-    # foundations: errors, files, devices, configs, plots, timing, metrics, the chapter 01-02 math
-    {"minillm", "files", "device", "distributed", "config", "plots", "timing", "metrics", "gradcheck", "linreg", "optim"},
+    # foundations: errors, files, devices, process groups and sharding, configs, plots, timing, metrics, the chapter
+    # 01-02 math, fp16 loss scaling
+    {"minillm", "files", "device", "distributed", "fully_sharded", "config", "plots", "timing", "metrics", "gradcheck",
+     "linreg", "optim", "loss_scaling"},
     # data and text: readers, cleaning, batching, tokenizers, checkpoints
     {"data", "data.cleaning", "data.padding", "data.lm_blocks", "data.masking", "data.nsp", "datasets", "tokenization",
      "checkpoint", "hpsearch"},
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
-    # the models
-    {"gpt", "bert", "transformer"},
+    # the models; what training them holds in memory, and activation checkpointing of their blocks; a model split
+    # over processes: its blocks (tensor parallelism), its layers (pipeline stages)
+    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory"},
     # the training loop and the run folders it writes
     {"runs", "train"},
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference

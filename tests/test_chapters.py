@@ -74,6 +74,19 @@ def _ch10(r):
     assert before["logistic_regression"] > random["logistic_regression"] + 0.03  # pretrained features carry sentiment
 
 
+def _ch11(r):
+    memory, precision = r["activation_checkpointing"], r["precision"]
+    assert all(memory[kind]["saved_bytes"] == memory[kind]["formula_bytes"] for kind in ("stored", "recomputed"))
+    assert memory["recomputed"]["saved_bytes"] < memory["stored"]["saved_bytes"] / 2  # checkpointing keeps far less
+    assert precision["scales_equal"] and precision["weights_equal"]  # the scaler by hand takes GradScaler's steps
+    assert precision["underflow"]["bf16: 0"] == 0 < precision["underflow"]["fp16: 0"]  # fp16 loses gradients, bf16 not
+    assert r["fsdp"]["difference"] < 1e-4  # FSDP takes the one-process steps
+    tensor = r["tensor_parallel"]
+    assert tensor["all_reduces_forward"] == tensor["all_reduces_backward"] == 2 and tensor["output_difference"] < 1e-5
+    pipeline = r["pipeline_parallel"]
+    assert pipeline["largest_difference"] < 1e-12 and pipeline["simulated"]["gpipe"]["bubble"][0] == 3 / 11
+
+
 # What each chapter's quick run must show: a number that a broken chapter would not reach.
 CHECKS = {
     "ch01_hello_pytorch": lambda r: r["grad_check_max_rel_error"] < 1e-6 and r["final_train_mse"] < 0.1,
@@ -86,6 +99,7 @@ CHECKS = {
     "ch08_finetune": _ch08,
     "ch09_efficient": _ch09,
     "ch10_contrastive": _ch10,
+    "ch11_scaling": _ch11,
 }
 
 

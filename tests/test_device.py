@@ -85,7 +85,7 @@ def test_autocast_policy_is_bf16_where_the_hardware_has_it_and_fp32_elsewhere(cp
     assert dev.autocast_dtype("cuda") == torch.float32
 
 
-def test_precision_fp32_and_bf16_override_the_policy_and_the_environment_overrides_auto(cpu_bf16, monkeypatch):
+def test_precision_fp32_bf16_and_fp16_override_the_policy_and_the_environment_overrides_auto(cpu_bf16, monkeypatch):
     cpu_bf16(True)
     assert dev.autocast_dtype("cpu", "fp32") == torch.float32
     cpu_bf16(False)
@@ -95,7 +95,11 @@ def test_precision_fp32_and_bf16_override_the_policy_and_the_environment_overrid
     assert dev.autocast_dtype("cpu") == torch.bfloat16
     assert dev.autocast_dtype("cpu", "fp32") == torch.float32  # an explicit choice beats the environment
     monkeypatch.setenv(dev.PRECISION_ENV, "fp16")
-    with pytest.raises(MinillmError, match="unknown precision 'fp16'"):
+    assert dev.autocast_dtype("cpu") == torch.float16
+    assert dev.autocast_dtype("mps") == torch.float32  # not offered on MPS
+    assert "fp16 autocast, loss scaling" in dev.describe_device(torch.device("cpu"))
+    monkeypatch.setenv(dev.PRECISION_ENV, "fp8")
+    with pytest.raises(MinillmError, match="unknown precision 'fp8'"):
         dev.autocast_dtype("cpu")
 
 

@@ -40,6 +40,8 @@ STAGES: list[tuple[str, str, list[str]]] = [
     ("ch09_efficient", "head-only, top layers, adapters, LoRA, prompt tuning; grid and random "
      "search (the shipped BERT)", []),
     ("ch10_contrastive", "SimCSE sentence embeddings, probed before and after (the shipped BERT)", []),
+    ("ch11_scaling", "memory arithmetic, fp16 loss scaling, activation checkpointing, FSDP, tensor and pipeline "
+     "parallelism over CPU processes", []),
 ]
 # The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
 MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
