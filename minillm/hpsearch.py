@@ -187,12 +187,12 @@ def run_trials(trials: Sequence[Mapping[str, Any]], run_trial: Callable[[dict, p
                                 if {**saved_context, **saved_params}.get(key) != {**context, **params}.get(key))
                 raise MinillmError(f"{folder} holds the results of other settings (they differ in {', '.join(differ)}): "
                                    "delete that folder to rerun the trial, or use another output folder")
-            log(f"trial {index + 1}/{len(trials)} ({described}): finished earlier, loaded {results_path}")
+            log(f"trial {index + 1}/{len(trials)} ({described}): finished earlier, loaded {out.name}/{folder.name}/results.json")
         else:
             if folder.exists():
                 shutil.rmtree(folder)  # what an unfinished attempt left
             folder.mkdir(parents=True)
-            log(f"trial {index + 1}/{len(trials)} ({described}): running in {folder}")
+            log(f"trial {index + 1}/{len(trials)} ({described}): running in {out.name}/{folder.name}")  # not this machine's path
             start = time.perf_counter()
             metrics = _normalized(run_trial(dict(params), folder))  # as a reload would give them back
             seconds = time.perf_counter() - start
