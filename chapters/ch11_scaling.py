@@ -31,6 +31,7 @@ from minillm.gpt import GPT, GPTConfig
 from minillm.loss_scaling import DynamicLossScaler, activation_gradients, count_underflow, plot_gradient_range
 from minillm.pipeline_parallel import bubble_demonstration, gpipe_bubble_fraction, pipeline_matches_unsplit
 from minillm.tensor_parallel import demonstrate as tensor_parallel_demo
+from minillm.tokenization import CharTokenizer
 
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0)
 GPT2_XL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600, dropout=0.0)
@@ -90,10 +91,10 @@ def memory_section(config: Config, out: pathlib.Path) -> dict:
 def small_gpt(config: Config, dropout: float = 0.0) -> tuple[GPT, torch.Tensor]:
     """The measurements' GPT over Tiny Shakespeare's characters, and a batch of its text: (B, T + 1) ids."""
     text = datasets.tiny_shakespeare_path().read_text(encoding="utf-8")[:200_000]
-    alphabet = sorted(set(text))
-    ids = torch.tensor([alphabet.index(ch) for ch in text])
+    tokenizer = CharTokenizer.train(text)  # nanoGPT's: one id per character, in sorted order
+    ids = torch.tensor(tokenizer.encode(text))
     torch.manual_seed(config.seed)
-    model = GPT(GPTConfig(vocab_size=len(alphabet), block_size=config.block_size, n_layer=config.n_layer,
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd, dropout=dropout, bias=False))
     starts = torch.randint(0, len(ids) - config.block_size - 1, (config.batch_size,))
     return model, torch.stack([ids[s:s + config.block_size + 1] for s in starts.tolist()])
