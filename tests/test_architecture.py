@@ -27,13 +27,16 @@ FLOORS = [
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
     # the models; what training them holds in memory, and activation checkpointing of their blocks; a model split
     # over processes: its blocks (tensor parallelism), its layers (pipeline stages)
-    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory"},
+    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory",
+     "batched_generation"},
     # the training loop and the run folders it writes
     {"runs", "train"},
-    # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
-    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
+    # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference;
+    # what serves a trained model, and the load test against it
+    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt", "serving", "load_test"},
     # commands (python -m minillm ...): thin layers over everything below
-    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline", "__main__"},
+    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline",
+     "commands.serve", "__main__"},
 ]
 FLOOR = {name: index for index, names in enumerate(FLOORS) for name in names}
 

@@ -25,6 +25,7 @@ def commands() -> dict[str, Command]:
     from minillm.commands.generate import GenerateConfig, generate
     from minillm.commands.notebooks import NotebooksConfig, run_notebooks
     from minillm.commands.pipeline import PipelineConfig, run_pipeline
+    from minillm.commands.serve import ServeConfig, run_serve
     from minillm.pretrain import GPTPretrainConfig, pretrain_gpt
 
     return {
@@ -40,4 +41,6 @@ def commands() -> dict[str, Command]:
                                                              "outputs and figures"),
         "bench": Command(BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape, or of BERT "
                                                  "pretraining against Hugging Face's"),
+        "serve": Command(ServeConfig, run_serve, "serve a GPT run (OpenAI-compatible /v1/completions) or a classifier run "
+                                                 "(/v1/classify) over HTTP, with dynamic batching"),
     }
