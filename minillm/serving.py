@@ -354,8 +354,9 @@ class Job:
     ``("result", index, probabilities)`` for classification, ``("error", message)``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, parts: int):
+    def __init__(self, loop: asyncio.AbstractEventLoop, parts: int, streaming: bool = False):
         self.loop, self.parts = loop, parts
+        self.streaming = streaming  # text as it comes; otherwise each choice's whole text when it ends
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False  # the client went away: the worker drops this job's rows
 
@@ -480,9 +481,11 @@ class CompletionWorker(Worker):
                 row.finish_reason = "stop"
             if row.done:
                 piece += text.finish()
-            if piece:
+            if job.streaming and piece:
                 job.emit("text", index, piece)
             if row.done:
+                if not job.streaming and text.sent:
+                    job.emit("text", index, text.sent)  # one event for the whole text: less work for the event loop
                 job.emit("end", index, row.finish_reason, len(row.tokens))
 
 
@@ -662,7 +665,7 @@ def create_app(served: ServedModel, config: ServingConfig | None = None):
         body = await parse(request, CompletionRequest)
         check_model(body.model)
         prompts, params, stop = completion_inputs(body, served, token_limit, config.max_prompts)
-        job = Job(asyncio.get_running_loop(), len(prompts))
+        job = Job(asyncio.get_running_loop(), len(prompts), streaming=bool(body.stream))
         submit([Choice(ids, params, job, index, CompletionText(served.tokenizer, stop)) for index, ids in enumerate(prompts)])
         reply = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                  "model": served.name}
