@@ -10,6 +10,10 @@ by a parameter-efficient method (LoRA layers, adapters, a soft prompt) whose wei
 
 Runs written before the classifier recorded its shape name only ``init`` and ``method``: their shape is then
 read from the ``init`` run and the head's settings from ``train_config``.
+
+Chapter 05's encoder-decoder :class:`~minillm.transformer.Transformer` is saved as a run folder too
+(:func:`save_transformer_run`): its two vocabularies in ``vocab.json`` and the arguments of the number-words data
+set in ``config.json``, so its held-out test numbers can be rebuilt and scored later.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from torch import nn
 
 from minillm import MinillmError, runs
 from minillm.bert import BertConfig, BertForSequenceClassification
-from minillm.checkpoint import load_model_state, read_safetensors
+from minillm.checkpoint import load_model_state, read_safetensors, save_weights
+from minillm.files import read_json, write_json
+from minillm.number_words import Vocabulary
 from minillm.peft import METHODS, PEFT_OPTIONS, apply_method
+from minillm.transformer import Transformer, TransformerConfig
 
 CLASSIFIER = "bert-classifier"
 
@@ -67,15 +74,56 @@ def load_for_inference(path: str | pathlib.Path, device: Any = "cpu", expect: st
     kind = config.get("model", {}).get("type")
     if expect is not None and kind != expect:
         raise MinillmError(f"{folder} holds a {kind!r} model, not a {expect!r} one")
-    if kind != CLASSIFIER:
+    if kind not in (CLASSIFIER, TRANSFORMER):
         return runs.load_run(folder, device, expect=expect)
     weights = runs.weights_file(folder)
     if not weights.is_file():
         raise MinillmError(f"{folder} has no weights ({runs.BEST_MODEL} or {runs.CHECKPOINT})")
-    model = build_classifier(folder, config)
+    model = build_classifier(folder, config) if kind == CLASSIFIER else build_transformer(folder, config)
     tensors, _ = read_safetensors(weights)
     if any(name.startswith("model/") for name in tensors):  # a training checkpoint: the model's part
         tensors = {name[len("model/"):]: t for name, t in tensors.items() if name.startswith("model/")}
     load_model_state(model, tensors, str(weights))
-    tokenizer = runs.load_tokenizer(folder, config)
+    tokenizer = runs.load_tokenizer(folder, config) if kind == CLASSIFIER else load_vocabularies(folder)
     return runs.LoadedRun(model.to(device).eval(), tokenizer, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 05's Transformer
+# ---------------------------------------------------------------------------------------------
+
+TRANSFORMER = "transformer"
+VOCABULARIES = "vocab.json"
+
+
+def save_transformer_run(folder: str | pathlib.Path, model: Transformer, src_vocab: Vocabulary, tgt_vocab: Vocabulary,
+                         number_data: dict) -> pathlib.Path:
+    """Write chapter 05's trained Transformer as a run folder: ``config.json`` (its shape and ``number_data``, the
+    arguments of :func:`minillm.number_words.number_dataset`), ``vocab.json`` and ``model.safetensors``."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / VOCABULARIES, {"src": src_vocab.tokens, "tgt": tgt_vocab.tokens})
+    write_json(folder / runs.CONFIG, {"model": {"type": TRANSFORMER, **model.config_dict()}, "tokenizer": VOCABULARIES,
+                                      "data": {"task": "number_words", **number_data}})
+    save_weights(folder / runs.BEST_MODEL, model)
+    return folder
+
+
+def build_transformer(folder: pathlib.Path, config: dict) -> Transformer:
+    fields = {k: v for k, v in config.get("model", {}).items() if k != "type"}
+    try:
+        return Transformer(TransformerConfig(**fields))
+    except (TypeError, ValueError) as error:
+        raise MinillmError(f"{folder / runs.CONFIG} does not describe a Transformer: {error}") from None
+
+
+def load_vocabularies(folder: pathlib.Path) -> tuple[Vocabulary, Vocabulary]:
+    """The (source, target) vocabularies of a Transformer run."""
+    path = folder / VOCABULARIES
+    if not path.is_file():
+        raise MinillmError(f"{folder} has no {VOCABULARIES}")
+    saved = read_json(path)
+    source, target = Vocabulary(saved["src"]), Vocabulary(saved["tgt"])
+    if source.tokens != saved["src"] or target.tokens != saved["tgt"]:
+        raise MinillmError(f"{path} is not a pair of vocabularies minillm wrote")
+    return source, target
