@@ -31,9 +31,10 @@ FLOORS = [
     # the training loop and the run folders it writes
     {"runs", "train"},
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
-    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
+    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt", "onnx_export"},
     # commands (python -m minillm ...): thin layers over everything below
-    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline", "__main__"},
+    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline", "commands.export",
+     "__main__"},
 ]
 FLOOR = {name: index for index, names in enumerate(FLOORS) for name in names}
 

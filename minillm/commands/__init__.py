@@ -21,6 +21,7 @@ def commands() -> dict[str, Command]:
     demand, so that ``--help`` of one command does not import every other."""
     from minillm.bert_pretraining import BertPretrainConfig, pretrain_bert
     from minillm.commands.bench import BenchConfig, run_bench
+    from minillm.commands.export import ExportConfig, run_export
     from minillm.commands.finetune import FinetuneCommandConfig, run_finetune
     from minillm.commands.generate import GenerateConfig, generate
     from minillm.commands.notebooks import NotebooksConfig, run_notebooks
@@ -38,6 +39,8 @@ def commands() -> dict[str, Command]:
         "generate": Command(GenerateConfig, generate, "sample text from a pretrained GPT run"),
         "notebooks": Command(NotebooksConfig, run_notebooks, "execute the chapter notebooks and save them with their "
                                                              "outputs and figures"),
+        "export": Command(ExportConfig, run_export, "export a run as an ONNX model (checked against onnxruntime) or a "
+                                                    "Hugging Face transformers folder"),
         "bench": Command(BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape, or of BERT "
                                                  "pretraining against Hugging Face's"),
     }
