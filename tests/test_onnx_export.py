@@ -1,10 +1,11 @@
 """ONNX export (minillm.onnx_export) and ``python -m minillm export``, checked against onnxruntime.
 
-Each model is exported once (an export takes seconds): the GPT through the command, on a run folder made
-here, and a BERT classifier through ``export_onnx``. The graphs are then run by onnxruntime at batch sizes
-and lengths other than the export example's (2, 8), which only dynamic axes allow, and must give PyTorch's
-logits within ``onnx_export.RELATIVE_TOLERANCE`` x max(1, max |logit|) = 1e-4 of the largest logit: float32
-sums in another order differ by ~1e-6 of it (module docstring), a real mistake by a percent or more.
+Each model is exported once, by the command, in a module fixture (an export takes seconds): a GPT run and a
+LoRA BERT classifier run (tests/tiny_runs.py), their weights scrambled first. The graphs are then run by
+onnxruntime at batch sizes and lengths other than the export example's (2, 8), which only dynamic axes allow,
+and must give PyTorch's logits within ``onnx_export.RELATIVE_TOLERANCE`` x max(1, max |logit|) = 1e-4 of the
+largest logit: float32 sums in another order differ by ~1e-6 of it (the module docstring's measurements), a
+real mistake by a percent or more.
 """
 
 from __future__ import annotations
@@ -16,93 +17,88 @@ import pathlib
 
 import pytest
 import torch
+from tiny_runs import tiny_classifier_run, tiny_gpt_run
+
+from minillm import MinillmError, onnx_export, runs
+from minillm.__main__ import main
+from minillm.bert import BertConfig
+from minillm.checkpoint import save_weights
+from minillm.gpt import GPT, GPTConfig, load_gpt2
+from minillm.inference_runs import load_for_inference
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from minillm import MinillmError, onnx_export, runs  # noqa: E402
-from minillm.__main__ import main  # noqa: E402
-from minillm.bert import BertConfig, BertForSequenceClassification  # noqa: E402
-from minillm.checkpoint import save_weights  # noqa: E402
-from minillm.gpt import GPT, GPTConfig, load_gpt2  # noqa: E402
-from minillm.tokenization import CharTokenizer  # noqa: E402
-
-TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 GPT_SIZES = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
 
 
-def scrambled(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter drawn with std 0.3: at the 0.02 init attention is nearly uniform, and a lost mask or a
-    shifted position would change the logits too little to see."""
+def scramble_run(folder: pathlib.Path, model: torch.nn.Module, seed: int) -> pathlib.Path:
+    """Draw every weight of the run with std 0.3 and save it: at the 0.02 init attention is nearly uniform and the
+    logits nearly constant, so a lost mask or a shifted position would change them too little to see."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
-
-
-def make_gpt_run(folder: pathlib.Path) -> pathlib.Path:
-    """A run folder as 'pretrain gpt' leaves it: config.json, model.safetensors, tokenizer.json."""
-    tokenizer = CharTokenizer.train(TEXT)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, **GPT_SIZES)
-    torch.manual_seed(0)
-    model = scrambled(GPT(config), seed=0)
-    folder.mkdir(parents=True)
-    (folder / runs.CONFIG).write_text(json.dumps(runs.run_info("gpt", config)))
     save_weights(folder / runs.BEST_MODEL, model)
-    tokenizer.save(folder / runs.TOKENIZER)
     return folder
 
 
-@pytest.fixture(scope="module")
-def gpt_export(tmp_path_factory):
-    """The command run once on a GPT run: (run folder, its export folder, what it printed)."""
-    run = make_gpt_run(tmp_path_factory.mktemp("export") / "gpt")
+def export(run: pathlib.Path, *args: str) -> str:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["export", "--run", str(run), "--format", "onnx"]) == 0
-    return run, run / "onnx", printed.getvalue()
+        assert main(["export", "--run", str(run), *args]) == 0
+    return printed.getvalue()
 
 
 @pytest.fixture(scope="module")
-def bert_classifier_export(tmp_path_factory):
-    """A scrambled mean-pooling BERT classifier (3 labels) and its export, made once."""
-    torch.manual_seed(1)
-    config = BertConfig(vocab_size=40, max_len=12, n_layer=1, n_head=2, n_embd=16, d_ff=24, dropout=0.1)
-    model = scrambled(BertForSequenceClassification(config, num_labels=3, pooling="mean"), seed=1)
-    export = onnx_export.export_onnx(model, tmp_path_factory.mktemp("bert") / "classifier.onnx")
-    return model, export
+def gpt_run(tmp_path_factory):
+    """A GPT run exported to ONNX by the command: (run folder, what the command printed)."""
+    run = scramble_run(*tiny_gpt_run(tmp_path_factory.mktemp("export") / "gpt", **GPT_SIZES), seed=0)
+    return run, export(run, "--format", "onnx")
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """A LoRA BERT classifier run (mean pooling, 32 positions) exported to ONNX by the command."""
+    run = scramble_run(*tiny_classifier_run(tmp_path_factory.mktemp("export") / "classifier", "lora"), seed=1)
+    return run, export(run, "--format", "onnx")
 
 
 # ---------------------------------------------------------------------------------------------
-# The graphs: dynamic axes, same logits as PyTorch
+# The graphs: dynamic axes, PyTorch's logits
 # ---------------------------------------------------------------------------------------------
 
 
-def test_the_gpt_graph_gives_pytorchs_logits_at_batch_sizes_and_lengths_it_was_not_exported_with(gpt_export):
-    run, out, _ = gpt_export
-    model = runs.load_run(run).model
-    session = onnx_export.onnx_session(out / "model.onnx")
+def test_the_gpt_graph_gives_pytorchs_logits_at_batch_sizes_and_lengths_it_was_not_exported_with(gpt_run):
+    run, _ = gpt_run
+    model = load_for_inference(run).model
+    session = onnx_export.onnx_session(run / "onnx" / "model.onnx")
     assert [(i.name, i.shape) for i in session.get_inputs()] == [("input_ids", ["batch", "sequence"])]
-    checks = onnx_export.verify_onnx(model, out / "model.onnx", [(1, 1), (5, 7), (2, 16), (7, 3)])
+    checks = onnx_export.verify_onnx(model, run / "onnx" / "model.onnx", [(1, 1), (5, 7), (2, 16), (7, 3)])
     assert [(c.batch, c.length) for c in checks] == [(1, 1), (5, 7), (2, 16), (7, 3)]
     assert all(check.ok for check in checks), checks
 
 
-def test_the_classifier_graph_gives_pytorchs_logits_with_padding_at_other_shapes(bert_classifier_export):
-    model, export = bert_classifier_export
-    assert export.checks and all(check.ok for check in export.checks), export.checks
-    checks = onnx_export.verify_onnx(model, export.path, [(1, 12), (6, 4), (3, 9)])
+def test_the_classifier_graph_gives_the_unmerged_lora_models_logits_with_padding_at_other_shapes(classifier_run):
+    """The command merged LoRA into the weights before exporting: W0 x + (alpha/r) B A x and (W0 + (alpha/r) B A) x
+    are the same function, up to float32 reassociation, so the graph matches the run's model as loaded."""
+    run, _ = classifier_run
+    model = load_for_inference(run).model
+    session = onnx_export.onnx_session(run / "onnx" / "model.onnx")
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("input_ids", ["batch", "sequence"]),
+                                                                 ("attention_mask", ["batch", "sequence"])]
+    assert [o.shape for o in session.get_outputs()] == [["batch", 2]]
+    checks = onnx_export.verify_onnx(model, run / "onnx" / "model.onnx", [(1, 32), (6, 4), (3, 9)])
     assert all(check.ok for check in checks), checks
-    assert model.training is False  # export_onnx gave the model back in the mode it was in
 
 
-def test_the_classifier_graph_reads_the_attention_mask(bert_classifier_export):
+def test_the_classifier_graph_reads_the_attention_mask(classifier_run):
     """Padding ids change nothing, the mask does: the mask is an input of the graph, not a constant."""
-    model, export = bert_classifier_export
-    session = onnx_export.onnx_session(export.path)
+    run, _ = classifier_run
+    model = load_for_inference(run).model
+    session = onnx_export.onnx_session(run / "onnx" / "model.onnx")
     inputs = onnx_export.example_inputs(model, 4, 10, seed=5)  # rows hold 10, 9, 8, 7 tokens
-    logits = onnx_export.onnx_logits(session, inputs)  # (4, 3)
+    logits = onnx_export.onnx_logits(session, inputs)  # (4, 2)
     other_padding = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, 7)
     same = onnx_export.onnx_logits(session, {**inputs, "input_ids": other_padding})
     torch.testing.assert_close(same, logits, rtol=0, atol=1e-5)  # 1e-5: float32 sums over other values
@@ -112,13 +108,13 @@ def test_the_classifier_graph_reads_the_attention_mask(bert_classifier_export):
     torch.testing.assert_close(unmasked[0], logits[0], rtol=0, atol=1e-5)  # row 0 had no padding
 
 
-def test_the_check_sees_a_model_that_is_not_the_exported_one(gpt_export):
-    """The tolerance is not so loose that it passes a different model: one weight moved is caught."""
-    run, out, _ = gpt_export
-    model = runs.load_run(run).model
+def test_the_check_sees_a_model_that_is_not_the_exported_one(gpt_run):
+    """The tolerance is not so loose that it passes another model: one weight moved by 0.5 is caught."""
+    run, _ = gpt_run
+    model = load_for_inference(run).model
     with torch.no_grad():
         model.blocks[0].mlp.c_fc.weight[0, 0] += 0.5
-    checks = onnx_export.verify_onnx(model, out / "model.onnx", [(3, 16)])
+    checks = onnx_export.verify_onnx(model, run / "onnx" / "model.onnx", [(3, 16)])
     assert not checks[0].ok, checks
 
 
@@ -149,26 +145,43 @@ def test_a_graph_that_fails_the_check_is_not_written_and_the_old_file_stays(tmp_
 # ---------------------------------------------------------------------------------------------
 
 
-def test_the_command_writes_the_checked_model_and_the_runs_tokenizer(gpt_export):
-    run, out, printed = gpt_export
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "tokenizer.json"]
-    assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
-    assert f"wrote {out / 'model.onnx'}" in printed
-    assert printed.count(" ok\n") == len(onnx_export.CHECK_SHAPES)  # one line per checked shape
-    assert "batch 4, length 16: max |onnx - torch|" in printed  # None in CHECK_SHAPES: the full context
+def test_the_command_writes_the_checked_model_and_the_runs_tokenizer(gpt_run, classifier_run):
+    for run, printed in (gpt_run, classifier_run):
+        out = run / "onnx"
+        assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "tokenizer.json"]
+        assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+        assert f"wrote {out / 'model.onnx'}" in printed
+        assert printed.count(" ok\n") == len(onnx_export.CHECK_SHAPES)  # one line per checked shape
+    assert "batch 4, length 16: max |onnx - torch|" in gpt_run[1]  # length None in CHECK_SHAPES: the context
+    assert "LoRA: the low-rank updates are merged" in classifier_run[1]
 
 
-def test_the_command_writes_a_hugging_face_gpt2_folder_with_the_same_weights(gpt_export, tmp_path, capsys):
-    run, _, _ = gpt_export
-    assert main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    assert "load it with transformers.GPT2LMHeadModel.from_pretrained" in capsys.readouterr().out
-    model, reloaded = runs.load_run(run).model, load_gpt2(tmp_path / "hf").eval()
+def test_the_command_writes_a_hugging_face_gpt2_folder_with_the_same_weights(gpt_run, tmp_path):
+    run, _ = gpt_run
+    printed = export(run, "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert "load it with transformers.GPT2LMHeadModel.from_pretrained" in printed
+    model, reloaded = load_for_inference(run).model, load_gpt2(tmp_path / "hf").eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     assert torch.equal(reloaded(ids)[0], model(ids)[0])  # the same numbers moved between files: bit-identical
 
 
-def test_existing_output_is_refused_and_kept_unless_overwrite(gpt_export, tmp_path, capsys):
-    run, _, _ = gpt_export
+def test_a_mean_pooling_classifier_goes_to_hugging_face_as_its_encoder_and_says_so(classifier_run, tmp_path):
+    run, _ = classifier_run
+    printed = export(run, "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert "encoder was written as a BertModel" in printed
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["BertModel"]
+
+
+@pytest.mark.parametrize("method, part", [("adapters", "adapters"), ("prompt", "a soft prompt")])
+def test_a_classifier_with_adapters_or_a_soft_prompt_goes_to_onnx_only(tmp_path, capsys, method, part):
+    run, _ = tiny_classifier_run(tmp_path / method, method)
+    assert main(["export", "--run", str(run), "--format", "hf"]) == 2
+    assert f"the classifier has {part}, which transformers' BertForSequenceClassification has no place for: " \
+           "export it with --format onnx" in capsys.readouterr().err
+
+
+def test_existing_output_is_refused_and_kept_unless_overwrite(gpt_run, tmp_path, capsys):
+    run, _ = gpt_run
     out = tmp_path / "hf"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"an earlier export")
@@ -182,12 +195,12 @@ def test_existing_output_is_refused_and_kept_unless_overwrite(gpt_export, tmp_pa
 @pytest.mark.parametrize("case, message", [
     ("missing", "is not a run folder"),
     ("not-a-run", "has no config.json: is it a minillm run folder?"),
-    ("bert-to-onnx", "holds a 'bert' model; --format onnx exports gpt and bert-classifier runs"),
+    ("bert-to-onnx", "holds a 'bert' model; --format onnx exports gpt and bert-classifier runs (fine-tune"),
     ("into-the-run", "is the run folder itself"),
     ("out-is-a-file", "is a file, not a folder"),
 ])
-def test_bad_runs_and_outputs_are_one_sentence_errors(gpt_export, tmp_path, capsys, case, message):
-    run, _, _ = gpt_export
+def test_bad_runs_and_outputs_are_one_sentence_errors(gpt_run, tmp_path, capsys, case, message):
+    run, _ = gpt_run
     args = {"missing": ["--run", str(tmp_path / "nowhere")],
             "not-a-run": ["--run", str(tmp_path)],
             "into-the-run": ["--run", str(run), "--out", str(run), "--format", "hf"],

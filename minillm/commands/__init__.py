@@ -21,6 +21,7 @@ def commands() -> dict[str, Command]:
     demand, so that ``--help`` of one command does not import every other."""
     from minillm.bert_pretraining import BertPretrainConfig, pretrain_bert
     from minillm.commands.bench import BenchConfig, run_bench
+    from minillm.commands.evaluate import EvaluateConfig, run_evaluate
     from minillm.commands.export import ExportConfig, run_export
     from minillm.commands.finetune import FinetuneCommandConfig, run_finetune
     from minillm.commands.generate import GenerateConfig, generate
@@ -37,6 +38,8 @@ def commands() -> dict[str, Command]:
         "finetune": Command(FinetuneCommandConfig, run_finetune, "fine-tune a pretrained BERT run as a sentiment classifier "
                                                                  "(full, head-only, top layers, adapters, LoRA, prompt tuning)"),
         "generate": Command(GenerateConfig, generate, "sample text from a pretrained GPT run"),
+        "evaluate": Command(EvaluateConfig, run_evaluate, "score a finished run on its held-out data (perplexity, "
+                                                          "accuracy / F1 / confusion matrix, BLEU): eval.json"),
         "notebooks": Command(NotebooksConfig, run_notebooks, "execute the chapter notebooks and save them with their "
                                                              "outputs and figures"),
         "export": Command(ExportConfig, run_export, "export a run as an ONNX model (checked against onnxruntime) or a "

@@ -6,7 +6,8 @@
     python -m minillm export --run runs/sst2 --format hf --out sst2-hf
 
 A thin command: the ONNX export and its onnxruntime check are :mod:`minillm.onnx_export`'s, the Hugging Face
-layouts :mod:`minillm.hf`'s, the run folders :mod:`minillm.runs`'. What each run becomes:
+layouts :mod:`minillm.hf`'s, the run folders :mod:`minillm.runs`' and :mod:`minillm.inference_runs`'. What each
+run becomes:
 
 =================== ========================================= ==================================================
 run (model type)    ``--format onnx``                         ``--format hf``
@@ -34,6 +35,7 @@ from minillm.bert import Bert, BertForPreTraining, BertForSequenceClassification
 from minillm.config import QuickConfig
 from minillm.files import atomic_write_bytes
 from minillm.gpt import GPT, save_gpt2
+from minillm.inference_runs import load_for_inference
 from minillm.onnx_export import CHECK_SHAPES, RELATIVE_TOLERANCE, export_onnx
 from minillm.peft import PromptTuning, WithAdapter, lora_layers, merge_lora
 
@@ -128,13 +130,16 @@ def run_export(config: ExportConfig) -> dict:
     run, out = pathlib.Path(config.run), output_folder(config)
     info = runs.read_config(run)  # one sentence if run is not a run folder
     kind = runs.run_kind(info)
+    if kind is None:
+        raise MinillmError(f"{run / runs.CONFIG} names no model type, so there is no telling what to export "
+                           "(runs that 'pretrain gpt', 'pretrain bert' and 'finetune' write name theirs)")
     if kind not in FORMATS[config.format]:
         hint = " (fine-tune a BERT into a classifier with 'python -m minillm finetune', or use --format hf)" \
             if kind in FORMATS["hf"] else ""
-        raise MinillmError(f"{run} holds a {kind or 'unnamed'!r} model; --format {config.format} exports "
+        raise MinillmError(f"{run} holds a {kind!r} model; --format {config.format} exports "
                            f"{', '.join(FORMATS[config.format][:-1])} and {FORMATS[config.format][-1]} runs{hint}")
     check_output_folder(out, run, config.format, config.overwrite)
-    model, _, _ = runs.load_run(run, "cpu")
+    model, _, _ = load_for_inference(run, "cpu")
     if lora_layers(model):
         merge_lora(model)
         print("LoRA: the low-rank updates are merged into the weights (W0 + (alpha/r) B A, the same function)")
