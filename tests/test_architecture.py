@@ -33,9 +33,10 @@ FLOORS = [
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
     {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
     # deployment (chapter 12): any run loaded for inference, evaluated, quantized, distilled, exported, served
-    {"inference_runs", "evaluation", "generation_speed"},
+    {"inference_runs", "evaluation", "generation_speed", "onnx_export"},
     # commands (python -m minillm ...): thin layers over everything below
-    {"commands", "commands.bench", "commands.evaluate", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline", "__main__"},
+    {"commands", "commands.bench", "commands.evaluate", "commands.export", "commands.finetune", "commands.generate",
+     "commands.notebooks", "commands.pipeline", "__main__"},
 ]
 FLOOR = {name: index for index, names in enumerate(FLOORS) for name in names}
 
