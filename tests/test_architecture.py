@@ -26,8 +26,9 @@ FLOORS = [
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
     # the models; what training them holds in memory, and activation checkpointing of their blocks; a model split
-    # over processes: its blocks (tensor parallelism), its layers (pipeline stages)
-    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory"},
+    # over processes: its blocks (tensor parallelism), its layers (pipeline stages); a model in int8
+    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory",
+     "quantization"},
     # the training loop and the run folders it writes
     {"runs", "train"},
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
