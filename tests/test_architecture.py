@@ -30,8 +30,8 @@ FLOORS = [
     {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory"},
     # the training loop and the run folders it writes
     {"runs", "train"},
-    # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
-    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
+    # what is trained: pretraining, fine-tuning, PEFT methods, contrastive learning, distillation, the reference
+    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt", "distillation"},
     # commands (python -m minillm ...): thin layers over everything below
     {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline", "__main__"},
 ]
