@@ -26,17 +26,18 @@ The same student trained on the labels alone is :func:`minillm.finetune.finetune
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from minillm import data
+from minillm import MinillmError, data
 from minillm.bert import BertForSequenceClassification, at_least_fp32
 from minillm.device import autocast
 from minillm.finetune import ClassificationBatch, ClassificationTask, FinetuneConfig, finetune, predict
-from minillm.peft import count_parameters
+from minillm.peft import WithAdapter, count_parameters, lora_layers, merge_lora
 from minillm.timing import time_callable
 
 # ---------------------------------------------------------------------------------------------
@@ -129,9 +130,13 @@ def student_from_teacher(teacher: BertForSequenceClassification, n_layer: int = 
     pooler and its classifier: the student starts as the teacher with layers left out, which the remaining ones
     were never trained to expect, but from far closer than random. DistilBERT (Sanh et al., 2019, section 3)
     initializes its 6-layer student from BERT-base "by taking one layer out of two"; ``"alternate"`` is that rule.
-    ``init="random"`` is the same shape with BERT's fresh initialization (seed beforehand), the baseline that
+    A LoRA teacher's layers are copied merged (:func:`~minillm.peft.merge_lora`, on a copy; the teacher is left as
+    it is). ``init="random"`` is the same shape with BERT's fresh initialization (seed beforehand), the baseline that
     shows what the copied weights are worth. The student is on the teacher's device and dtype, in training mode.
     """
+    if not isinstance(teacher, BertForSequenceClassification):
+        raise MinillmError(f"a student is built from a BertForSequenceClassification, not a {type(teacher).__name__} (a "
+                           "prompt-tuned teacher's classifier is its .model; its soft prompt has no place in a student)")
     indices = student_layer_indices(teacher.config.n_layer, n_layer, layers)
     if init not in ("teacher", "random"):
         raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
@@ -140,6 +145,11 @@ def student_from_teacher(teacher: BertForSequenceClassification, n_layer: int = 
     student = student.to(device=weight.device, dtype=weight.dtype)  # BERT's fresh initialization, so far
     if init == "random":
         return student
+    if lora_layers(teacher):  # LoRA folds into its layers: copy W0 + (alpha/r) B A, the function the teacher computes
+        teacher = merge_lora(copy.deepcopy(teacher))
+    if any(isinstance(module, WithAdapter) for module in teacher.modules()):
+        raise MinillmError("the teacher has adapters, which do not fold into its layers: build the student with "
+                           "init='random', or distil from a fully fine-tuned or LoRA teacher")
     with torch.no_grad():
         student.bert.embeddings.load_state_dict(teacher.bert.embeddings.state_dict())
         for student_layer, index in zip(student.bert.layers, indices):

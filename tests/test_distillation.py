@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from minillm import MinillmError
 from minillm.bert import BertConfig, BertForSequenceClassification, ClassificationOutput
 from minillm.distillation import (
     DistillationBatch,
@@ -31,6 +32,7 @@ from minillm.distillation import (
     teacher_logits,
 )
 from minillm.finetune import ClassificationBatch
+from minillm.peft import add_adapters, apply_lora, apply_prompt_tuning, lora_layers
 
 VOCAB, PAD, CLS, GOOD, BAD = 30, 0, 1, 3, 4
 
@@ -223,11 +225,28 @@ def test_a_student_as_deep_as_its_teacher_is_the_teacher_and_a_random_one_shares
         assert torch.equal(whole(ids, attention_mask=mask).logits, teacher(ids, attention_mask=mask).logits)
         torch.manual_seed(3)
         fresh = student_from_teacher(teacher, n_layer=1, init="random")
-        assert fresh.pooling == "cls" and fresh.config.n_layer == 1 and fresh(ids, attention_mask=mask).logits.shape == (3, 3)
-    teacher_tensors = [p for p in teacher.parameters()]
-    assert not any(torch.equal(p, t) for p in fresh.parameters() for t in teacher_tensors if p.shape == t.shape)
+        assert fresh.pooling == "cls" and fresh.config.n_layer == 1
+        assert fresh(ids, attention_mask=mask).logits.shape == (3, 3)
+    assert not any(torch.equal(p, t) for p in fresh.parameters() for t in teacher.parameters() if p.shape == t.shape)
     with pytest.raises(ValueError, match="init"):
         student_from_teacher(teacher, n_layer=1, init="half")
+
+
+def test_a_lora_teacher_gives_its_merged_layers_and_peft_teachers_that_do_not_fold_are_refused():
+    teacher = apply_lora(tiny_teacher(n_layer=2), r=2, alpha=4.0)
+    with torch.no_grad():
+        for layer in lora_layers(teacher).values():
+            layer.lora_B.normal_(0.0, 0.3)  # B starts at 0 (LoRA = identity): make the low-rank update count
+    ids, mask = padded()
+    student = student_from_teacher(teacher, n_layer=2).eval()
+    assert not lora_layers(student) and lora_layers(teacher)  # merged into plain layers, on a copy
+    with torch.no_grad():
+        # merging adds (alpha / r) B A into W0: float64 rounding, ~1e-16 of logits of size ~1
+        assert torch.allclose(student(ids, attention_mask=mask).logits, teacher(ids, attention_mask=mask).logits, atol=1e-12)
+    with pytest.raises(MinillmError, match="adapters"):
+        student_from_teacher(add_adapters(tiny_teacher(n_layer=2), bottleneck=2), n_layer=1)
+    with pytest.raises(MinillmError, match="BertForSequenceClassification"):
+        student_from_teacher(apply_prompt_tuning(tiny_teacher(n_layer=2), 2), n_layer=1)
 
 
 # ---------------------------------------------------------------------------------------------
