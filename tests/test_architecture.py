@@ -26,14 +26,18 @@ FLOORS = [
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
     # the models; what training them holds in memory, and activation checkpointing of their blocks; a model split
-    # over processes: its blocks (tensor parallelism), its layers (pipeline stages)
-    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory"},
+    # over processes: its blocks (tensor parallelism), its layers (pipeline stages); a model in int8
+    {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory",
+     "quantization"},
     # the training loop and the run folders it writes
     {"runs", "train"},
-    # what is trained: pretraining, fine-tuning, PEFT methods, contrastive learning, distillation, the reference
-    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt", "distillation"},
+    # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
+    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
+    # deployment (chapter 12): any run loaded for inference, evaluated, quantized, distilled, exported, served
+    {"inference_runs", "evaluation", "generation_speed", "onnx_export", "distillation"},
     # commands (python -m minillm ...): thin layers over everything below
-    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline", "__main__"},
+    {"commands", "commands.bench", "commands.evaluate", "commands.export", "commands.finetune", "commands.generate",
+     "commands.notebooks", "commands.pipeline", "__main__"},
 ]
 FLOOR = {name: index for index, names in enumerate(FLOORS) for name in names}
 
