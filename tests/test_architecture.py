@@ -34,7 +34,7 @@ FLOORS = [
     # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
     {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
     # deployment (chapter 12): any run loaded for inference, evaluated, quantized, distilled, exported, served
-    {"inference_runs", "evaluation", "generation_speed", "onnx_export"},
+    {"inference_runs", "evaluation", "generation_speed", "onnx_export", "distillation"},
     # commands (python -m minillm ...): thin layers over everything below
     {"commands", "commands.bench", "commands.evaluate", "commands.export", "commands.finetune", "commands.generate",
      "commands.notebooks", "commands.pipeline", "__main__"},
