@@ -23,6 +23,7 @@ from minillm import plots
 from minillm.config import QuickConfig, run_chapter
 from minillm.device import describe_device, pick_device, seed_everything
 from minillm.files import write_json
+from minillm.inference_runs import save_transformer_run
 from minillm.layers import LayerNorm, gelu, sinusoidal_table
 from minillm.number_words import (
     Vocabulary,
@@ -124,6 +125,10 @@ def main(config: Config) -> dict:
     print(f"   {config.steps} steps in {history.seconds:.0f} s; final validation loss {history.val_loss[-1]:.4f} nats/token; "
           f"training loss {sum(history.train_loss[-50:]) / len(history.train_loss[-50:]):.3f}, whose floor with label "
           f"smoothing 0.1 is {floor:.3f}")
+
+    number_data = dict(n_train=config.n_train, n_val=config.n_val, n_test=config.n_test, max_digits=config.max_digits,
+                       seed=config.seed, direction=config.direction)
+    save_transformer_run(out / "model", model, src_vocab, tgt_vocab, number_data)  # python -m minillm evaluate --run it
 
     # 4. Decoding the test set: greedy, then beam search.
     greedy = evaluate(model, splits.test, src_vocab, tgt_vocab, device=device)

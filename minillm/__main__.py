@@ -4,6 +4,7 @@
 - ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on IMDB's unlabelled reviews (``minillm.pretrain``, ``minillm.bert_pretraining``).
 - ``finetune``: fine-tune a pretrained BERT run on SST-2 or IMDB, fully or parameter-efficiently (``minillm.commands.finetune``).
 - ``generate``: sample from a pretrained run.
+- ``export``: a run as an ONNX model checked against onnxruntime, or as a Hugging Face folder (``minillm.commands.export``).
 - ``bench``: training throughput (and MFU on CUDA) of a GPT shape, or of BERT pretraining against Hugging Face's (``minillm.commands.bench``).
 
 Every option comes from a configuration dataclass, so ``--help`` lists them all with their

@@ -208,8 +208,10 @@ class MultiHeadAttention(nn.Module):
         """Whether q_proj, k_proj and v_proj are plain ``nn.Linear`` layers, whose weights the fast
         path may concatenate. A wrapped projection (a LoRA layer, :mod:`minillm.finetune`) computes
         more than ``x Wᵀ + b``, so it must be called as a module: fusing its base weight would
-        silently drop the wrapper's contribution."""
-        return all(type(layer) is nn.Linear for layer in (self.q_proj, self.k_proj, self.v_proj))
+        silently drop the wrapper's contribution. A weight that is not a plain tensor (torchao's int8 weight,
+        :func:`minillm.quantization.library_quantize`) cannot be concatenated either."""
+        return all(type(layer) is nn.Linear and type(layer.weight) is nn.Parameter
+                   for layer in (self.q_proj, self.k_proj, self.v_proj))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape

@@ -241,13 +241,14 @@ def fill_in(model, tokenizer, sentence: str, k: int = 5, device="cpu") -> list[t
 
 
 
-def bert_corpus(config: BertPretrainConfig, log=print):
-    """Documents (lists of segment strings), split into train and validation, and the tokenizer.
+def bert_documents(config: BertPretrainConfig) -> tuple[list, list, list[str], str]:
+    """``(train_docs, val_docs, extra_text, source)``: the documents (lists of segment strings), split into train
+    and validation, the extra text the tokenizer also learns from, and a description of the data.
 
     ``--data imdb`` (the default): the unlabelled IMDB reviews (:func:`minillm.datasets.pretraining_reviews`:
     none of them is an IMDB test review), each a document of its sentences (:func:`minillm.data.split_sentences`),
-    a seeded random ``val_fraction`` of the reviews held out; the WordPiece vocabulary is trained on the
-    training reviews and SST-2's training phrases, so that the words chapter 08's data use are pieces of it.
+    a seeded random ``val_fraction`` of the reviews held out; SST-2's training phrases are the extra text, so that
+    the words chapter 08's data use are pieces of the vocabulary.
     ``--data sst2``: SST-2's training phrases cut in two (:func:`minillm.data.sst2_documents`), held out leak-free.
     A path: a text file's blocks between blank lines, each line a segment."""
     extra_text: list[str] = []
@@ -274,13 +275,19 @@ def bert_corpus(config: BertPretrainConfig, log=print):
     if len(train_docs) < 2 or len(val_docs) < 2:
         raise MinillmError(f"{source} has too few documents for next-sentence pairs ({len(train_docs)} train, {len(val_docs)} "
                            "val): a text file's documents are blocks of lines separated by blank lines")
+    return train_docs, val_docs, extra_text, source
+
+
+def bert_corpus(config: BertPretrainConfig, log=print):
+    """Documents (lists of segment strings), split into train and validation (:func:`bert_documents`), and the
+    tokenizer, trained on the training documents (and the extra text)."""
+    train_docs, val_docs, extra_text, source = bert_documents(config)
     train_text = [segment for document in train_docs for segment in document] + extra_text
     trainer = train_wordpiece if config.tokenizer == "wordpiece" else train_library_bpe
     tokenizer = trainer(train_text, config.vocab_size)
     log(f"{source}: {len(train_docs):,} training / {len(val_docs):,} validation documents; {config.tokenizer} "
         f"tokenizer of {tokenizer.get_vocab_size():,} tokens" + (" (trained with SST-2's phrases too)" if extra_text else ""))
     return tokenizer, train_docs, val_docs
-
 
 
 def bert_task(config: BertPretrainConfig, tokenizer, train_docs, val_docs) -> BertPretrainingTask:

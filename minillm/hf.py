@@ -123,6 +123,14 @@ weight: skipped).
 models (``BertForSequenceClassification``, ...) have no ``cls.`` pretraining heads; :func:`read_bert_folder`
 returns a ``BertForPreTraining`` and will not invent a masked-LM and a next-sentence head for
 them, so it refuses such a folder with a message that says so.
+
+**Writing a fine-tuned classifier or an encoder.** :func:`write_bert_classifier_folder` writes a minillm
+``BertForSequenceClassification`` with ``pooling="cls"`` as transformers' ``BertForSequenceClassification``
+(the ``bert.`` rows of the table without the ``cls.`` heads, plus ``classifier.{weight,bias}`` (L, H), (L,)
+for L labels): both classify the pooled [CLS] vector, so ``from_pretrained`` gives the same logits.
+:func:`write_bert_encoder_folder` writes a minillm :class:`~minillm.bert.Bert` encoder as ``BertModel`` (the
+``bert.`` rows, both sides without the prefix): the form for a mean-pooling classifier, which transformers'
+sequence-classification class (it pools [CLS]) cannot express.
 """
 
 from __future__ import annotations
@@ -738,3 +746,51 @@ def bert_state_to_hf(state: dict[str, torch.Tensor], config: BertConfig) -> dict
         raise MinillmError(f"the model's tensor {odd[0]!r}{_and_more(odd)} does not match the Hugging Face "
                            "BertForPreTraining layout save_bert writes (see minillm.hf)")
     return {hf: _owned(state[ours]) for hf, (ours, _) in names.items()}
+
+
+def _renamed_for_hf(state: dict[str, torch.Tensor], names: dict[str, str], layout: str) -> dict[str, torch.Tensor]:
+    """``state`` under the Hugging Face names of ``names`` (hf name -> minillm name), each an owned copy;
+    a state whose tensors are not exactly those of the table is refused, naming one that differs."""
+    mapped = set(names.values())
+    if set(state) != mapped:
+        odd = sorted(set(state) ^ mapped)
+        raise MinillmError(f"the model's tensor {odd[0]!r}{_and_more(odd)} does not match the Hugging Face {layout} "
+                           "layout (see minillm.hf)")
+    return {hf: _owned(state[ours]) for hf, ours in names.items()}
+
+
+def bert_encoder_hf_names(config: BertConfig) -> dict[str, str]:
+    """``BertModel``'s tensor names -> a minillm :class:`~minillm.bert.Bert`'s: the ``bert.`` rows of
+    :func:`bert_hf_names`, without the prefix on both sides."""
+    return {hf.removeprefix("bert."): ours.removeprefix("bert.") for hf, (ours, _) in bert_hf_names(config).items()
+            if hf.startswith("bert.")}
+
+
+def write_bert_encoder_folder(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: BertConfig
+                              ) -> pathlib.Path:
+    """Write a minillm ``Bert.state_dict()`` as a Hugging Face ``BertModel`` folder (what ``BertModel.save_pretrained``
+    writes), so that ``transformers.BertModel.from_pretrained(directory)`` gives the same hidden states and
+    pooled vector. Refused before anything is written if the state is not a plain encoder's."""
+    tensors = _renamed_for_hf(state, bert_encoder_hf_names(config), "BertModel")
+    hf_config = {**bert_config_to_hf(config, dtype=state["embeddings.word_embeddings.weight"].dtype),
+                 "architectures": ["BertModel"]}
+    return write_hf_folder(directory, tensors, hf_config)
+
+
+def write_bert_classifier_folder(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: BertConfig,
+                                 labels: list[str]) -> pathlib.Path:
+    """Write a minillm ``BertForSequenceClassification.state_dict()`` (``pooling="cls"``) as a Hugging Face
+    ``BertForSequenceClassification`` folder with ``labels`` as its ``id2label`` (label i's name), so that
+    ``transformers.BertForSequenceClassification.from_pretrained(directory)`` gives the same logits. Refused
+    before anything is written if the state has anything else (adapters, a soft prompt, unmerged LoRA)."""
+    names = {hf: ours for hf, (ours, _) in bert_hf_names(config).items() if hf.startswith("bert.")}
+    names.update({"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"})
+    tensors = _renamed_for_hf(state, names, "BertForSequenceClassification")
+    if tensors["classifier.weight"].shape[0] != len(labels):
+        raise MinillmError(f"the classifier has {tensors['classifier.weight'].shape[0]} labels, but "
+                           f"{len(labels)} label names were given")
+    hf_config = {**bert_config_to_hf(config, dtype=state["bert.embeddings.word_embeddings.weight"].dtype),
+                 "architectures": ["BertForSequenceClassification"],
+                 "id2label": {str(i): name for i, name in enumerate(labels)},
+                 "label2id": {name: i for i, name in enumerate(labels)}}
+    return write_hf_folder(directory, tensors, hf_config)

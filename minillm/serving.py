@@ -44,7 +44,6 @@ bounds every request (body size, prompts per request, tokens, texts) and its wai
 import asyncio
 import collections
 import dataclasses
-import importlib
 import ipaddress
 import json
 import logging
@@ -60,11 +59,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from minillm import MinillmError, runs
+from minillm import MinillmError
 from minillm.batched_generation import BatchedDecoder, Row, SamplingParams
 from minillm.config import QuickConfig
 from minillm.finetune import encode_for_bert
 from minillm.gpt import GPT
+from minillm.inference_runs import load_for_inference
+from minillm.quantization import quantize_model
 from minillm.tokenization import UnknownCharacterError, encode_ids, special_token_ids, tokenizer_size
 
 log = logging.getLogger("minillm.serving")
@@ -256,23 +257,20 @@ def served_model(model: nn.Module, tokenizer, name: str, run_config: dict | None
                        max_length=min(int(trained_length), max_len - prompt_tokens))
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """An int8 copy of ``model`` (:func:`minillm.quantization.quantize_model`), imported on first use."""
-    try:
-        quantization = importlib.import_module("minillm.quantization")
-    except ModuleNotFoundError:
-        raise MinillmError("--quantize int8 needs minillm.quantization, which this copy of minillm does not have") from None
-    return quantization.quantize_model(model)
-
-
 def load_served_model(run: str | pathlib.Path, device="cpu", quantize: str | None = None, name: str = "") -> ServedModel:
-    """The run folder's model and tokenizer, ready to serve (``quantize="int8"``: weights quantized first)."""
-    folder = pathlib.Path(run)
-    model, tokenizer, config = runs.load_run(folder, device)
-    if quantize == "int8":
-        model = quantize_int8(model)
-    elif quantize not in (None, "", "none"):
+    """The run folder's model and tokenizer (:func:`minillm.inference_runs.load_for_inference`: a GPT run or a
+    fine-tuned classifier run), ready to serve. ``quantize="int8"`` serves an int8 copy
+    (:func:`minillm.quantization.quantize_model`: every plain linear layer int8 with per-token activations; the
+    embeddings, LayerNorms and a tied output layer stay float32)."""
+    if quantize not in (None, "", "none", "int8"):
         raise MinillmError(f"--quantize must be int8 or none, got {quantize!r}")
+    folder = pathlib.Path(run)
+    model, tokenizer, config = load_for_inference(folder, device)
+    if not isinstance(model, GPT) and not hasattr(getattr(model, "model", model), "num_labels"):
+        raise MinillmError(f"{folder} holds a {config.get('model', {}).get('type')!r} model: serve takes a GPT run "
+                           "('pretrain gpt') or a fine-tuned classifier run ('finetune')")
+    if quantize == "int8":
+        model = quantize_model(model)  # the int8 model of chapter 12's size / accuracy / latency table
     return served_model(model, tokenizer, name or folder.resolve().name, config)
 
 

@@ -26,17 +26,19 @@ FLOORS = [
     # the parts of a Transformer, and the small models of chapters 02-05
     {"attention", "layers", "hf", "bow", "reversal", "number_words"},
     # the models; what training them holds in memory, and activation checkpointing of their blocks; a model split
-    # over processes: its blocks (tensor parallelism), its layers (pipeline stages)
+    # over processes: its blocks (tensor parallelism), its layers (pipeline stages); a model in int8
     {"gpt", "bert", "transformer", "activation_checkpointing", "tensor_parallel", "pipeline_parallel", "memory",
-     "batched_generation"},
+     "quantization", "batched_generation"},
     # the training loop and the run folders it writes
     {"runs", "train"},
-    # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference;
-    # what serves a trained model, and the load test against it
-    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt", "serving", "load_test"},
+    # what is trained: pretraining, fine-tuning, parameter-efficient methods, contrastive learning, the reference
+    {"pretrain", "bert_pretraining", "finetune", "peft", "contrastive", "nanogpt"},
+    # deployment (chapter 12): any run loaded for inference, evaluated, quantized, distilled, exported, served (and
+    # the load test against a server)
+    {"inference_runs", "evaluation", "generation_speed", "onnx_export", "distillation", "serving", "load_test"},
     # commands (python -m minillm ...): thin layers over everything below
-    {"commands", "commands.bench", "commands.finetune", "commands.generate", "commands.notebooks", "commands.pipeline",
-     "commands.serve", "__main__"},
+    {"commands", "commands.bench", "commands.evaluate", "commands.export", "commands.finetune", "commands.generate",
+     "commands.notebooks", "commands.pipeline", "commands.serve", "__main__"},
 ]
 FLOOR = {name: index for index, names in enumerate(FLOORS) for name in names}
 

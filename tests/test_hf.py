@@ -37,9 +37,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from minillm import MinillmError
+from minillm import MinillmError, hf
 from minillm.bert import BertConfig, BertForPreTraining, BertForSequenceClassification, load_bert, save_bert
 from minillm.gpt import GPT, GPTConfig, load_gpt2, save_gpt2
+from minillm.peft import add_adapters
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -690,4 +691,51 @@ def test_save_bert_refuses_a_model_without_pretraining_heads(tmp_path):
     classifier = BertForSequenceClassification(BertConfig(vocab_size=40, max_len=16, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(MinillmError, match="save_bert writes a minillm BertForPreTraining, got BertForSequenceClassification"):
         save_bert(classifier, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT classifier and encoder: minillm -> transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def minillm_bert_classifier(seed=0, pooling="cls", num_labels=3):
+    """A scrambled minillm BertForSequenceClassification, in eval mode."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=40, max_len=16, n_layer=2, n_head=2, n_embd=16, d_ff=24, dropout=0.1)
+    return scramble_(BertForSequenceClassification(config, num_labels=num_labels, pooling=pooling), seed).eval()
+
+
+def test_a_cls_pooling_classifier_loads_into_transformers_with_the_same_logits(tmp_path):
+    model = minillm_bert_classifier(seed=2)
+    hf.write_bert_classifier_folder(tmp_path, model.state_dict(), model.config, ["negative", "neutral", "positive"])
+    reference, info = transformers.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert reference.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    ids, token_types, attention_mask = bert_inputs(40, 16, seed=2)
+    with torch.no_grad():
+        theirs = reference.eval()(input_ids=ids, token_type_ids=token_types, attention_mask=attention_mask).logits
+        ours = model(ids, token_types, attention_mask).logits  # (B, 3)
+    torch.testing.assert_close(ours, theirs, **F32_TOL)
+
+
+def test_an_encoder_loads_into_transformers_bertmodel_with_the_same_states(tmp_path):
+    encoder = minillm_bert_classifier(seed=3, pooling="mean").bert
+    hf.write_bert_encoder_folder(tmp_path, encoder.state_dict(), encoder.config)
+    reference, info = transformers.BertModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, token_types, attention_mask = bert_inputs(40, 16, seed=3)
+    with torch.no_grad():
+        theirs = reference.eval()(input_ids=ids, token_type_ids=token_types, attention_mask=attention_mask)
+        hidden, pooled = encoder(ids, token_types, attention_mask)
+    real = attention_mask.bool()  # padding positions' states are free (see assert_same_bert_logits)
+    torch.testing.assert_close(hidden[real], theirs.last_hidden_state[real], **F32_TOL)
+    torch.testing.assert_close(pooled, theirs.pooler_output, **F32_TOL)
+
+
+def test_a_classifier_with_adapters_is_refused_before_anything_is_written(tmp_path):
+    model = add_adapters(minillm_bert_classifier(), bottleneck=4)
+    with pytest.raises(MinillmError, match=r"tensor '.*adapter.*' .* does not match the Hugging Face "
+                                           r"BertForSequenceClassification layout"):
+        hf.write_bert_classifier_folder(tmp_path / "out", model.state_dict(), model.config, ["a", "b", "c"])
     assert not (tmp_path / "out").exists()

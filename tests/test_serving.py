@@ -16,14 +16,17 @@ import httpx
 import openai
 import pytest
 import torch
+from tiny_runs import tiny_classifier_run, tiny_gpt_run
 
 from minillm import MinillmError
 from minillm.bert import BertConfig, BertForSequenceClassification
 from minillm.finetune import encode_for_bert
 from minillm.gpt import GPT, GPTConfig
+from minillm.inference_runs import load_for_inference
 from minillm.load_test import check_loopback, load_test, percentile
 from minillm.pretrain import sample_text
-from minillm.serving import MAX_BODY_BYTES, CompletionText, ServingConfig, served_model, start_server
+from minillm.quantization import quantize_model
+from minillm.serving import MAX_BODY_BYTES, CompletionText, ServingConfig, load_served_model, served_model, start_server
 from minillm.tokenization import CharTokenizer, train_wordpiece
 
 ALPHABET = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -389,6 +392,40 @@ def test_bad_classify_input_gets_a_4xx_and_the_server_stays_up(classifier_client
     assert response.status_code == status and response.json()["error"]["param"] == param
     assert set(response.json()["error"]) == ERROR_FIELDS
     assert classifier_client.get("/health").json()["kind"] == "classifier"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders, as the commands write them, served in float32 and in int8
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_gpt_run_folder_is_served_greedy_as_its_model_generates(tmp_path, quantize):
+    folder, _ = tiny_gpt_run(tmp_path / "gpt-run")
+    model, tokenizer, _ = load_for_inference(folder)
+    model = quantize_model(model) if quantize == "int8" else model
+    expected = sample_text(model, tokenizer, "First", 20, temperature=0.0)[len("First"):]
+    with start_server(load_served_model(folder, quantize=quantize)) as running:
+        reply = httpx.post(running.url + "/v1/completions", json={"model": "gpt-run", "prompt": "First", "max_tokens": 20,
+                                                                  "temperature": 0}, trust_env=False).json()
+    assert reply["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize("method, quantize", [("lora", "none"), ("prompt", "int8")])
+def test_a_classifier_run_folder_is_served_with_its_peft_structure(tmp_path, method, quantize):
+    folder, _ = tiny_classifier_run(tmp_path / "clf-run", method=method)
+    model, tokenizer, _ = load_for_inference(folder)
+    model = quantize_model(model) if quantize == "int8" else model
+    text = "a charming and witty film"
+    (ids, _), = encode_for_bert(tokenizer, [(text, 0)], 32)
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([ids])).logits, dim=-1)[0]
+    with start_server(load_served_model(folder, quantize=quantize)) as running:
+        reply = httpx.post(running.url + "/v1/classify", json={"texts": [text]}, trust_env=False).json()
+    probabilities = reply["data"][0]["probabilities"]
+    # One text alone, in the same model: the same numbers up to float32 rounding.
+    torch.testing.assert_close(torch.tensor([probabilities["negative"], probabilities["positive"]]), expected,
+                               rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

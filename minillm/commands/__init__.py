@@ -21,6 +21,8 @@ def commands() -> dict[str, Command]:
     demand, so that ``--help`` of one command does not import every other."""
     from minillm.bert_pretraining import BertPretrainConfig, pretrain_bert
     from minillm.commands.bench import BenchConfig, run_bench
+    from minillm.commands.evaluate import EvaluateConfig, run_evaluate
+    from minillm.commands.export import ExportConfig, run_export
     from minillm.commands.finetune import FinetuneCommandConfig, run_finetune
     from minillm.commands.generate import GenerateConfig, generate
     from minillm.commands.notebooks import NotebooksConfig, run_notebooks
@@ -37,8 +39,12 @@ def commands() -> dict[str, Command]:
         "finetune": Command(FinetuneCommandConfig, run_finetune, "fine-tune a pretrained BERT run as a sentiment classifier "
                                                                  "(full, head-only, top layers, adapters, LoRA, prompt tuning)"),
         "generate": Command(GenerateConfig, generate, "sample text from a pretrained GPT run"),
+        "evaluate": Command(EvaluateConfig, run_evaluate, "score a finished run on its held-out data (perplexity, "
+                                                          "accuracy / F1 / confusion matrix, BLEU): eval.json"),
         "notebooks": Command(NotebooksConfig, run_notebooks, "execute the chapter notebooks and save them with their "
                                                              "outputs and figures"),
+        "export": Command(ExportConfig, run_export, "export a run as an ONNX model (checked against onnxruntime) or a "
+                                                    "Hugging Face transformers folder"),
         "bench": Command(BenchConfig, run_bench, "measure training tokens/s (and MFU on CUDA) of a GPT shape, or of BERT "
                                                  "pretraining against Hugging Face's"),
         "serve": Command(ServeConfig, run_serve, "serve a GPT run (OpenAI-compatible /v1/completions) or a classifier run "

@@ -18,6 +18,7 @@ from minillm.bert import BertForSequenceClassification
 from minillm.device import seed_everything
 from minillm.files import read_json, write_json
 from minillm.finetune import ClassificationTask, FinetuneConfig, encode_for_bert, finetune
+from minillm.inference_runs import CLASSIFIER, classifier_run_info
 from minillm.peft import METHOD_RECIPES, PeftOptions, apply_method, count_parameters
 from minillm.tokenization import save_library_tokenizer, special_token_ids
 
@@ -75,7 +76,7 @@ def run_finetune(config: FinetuneCommandConfig) -> dict:
     if not (init / runs.TOKENIZER).is_file():
         raise MinillmError(f"{init} is not a BERT run folder (no {runs.TOKENIZER}): pretrain one with "
                            "'python -m minillm pretrain bert --out runs/bert' or give --init")
-    runs.check_run_folder(out, config.resume, config.overwrite, kind="bert-classifier")
+    runs.check_run_folder(out, config.resume, config.overwrite, kind=CLASSIFIER)
     seed_everything(config.seed)
     pretrained, tokenizer, _ = runs.load_run(init, expect="bert")
     special = special_token_ids(tokenizer)
@@ -92,7 +93,8 @@ def run_finetune(config: FinetuneCommandConfig) -> dict:
           f"{trainable:,} of {total:,} parameters train; {len(splits.train):,} training / {len(splits.val):,} held-out "
           f"examples; reporting on {report} ({len(splits.test):,})")
     scores = finetune(model, task, config, encode_for_bert(tokenizer, splits.test, length),
-                      runs.run_info("bert-classifier", {"init": str(init), "method": config.method}),
+                      runs.run_info(CLASSIFIER, classifier_run_info(pretrained.config, config.pooling, config.method,
+                                                                    config.options(), str(init))),
                       prepare=lambda folder: save_library_tokenizer(tokenizer, folder / runs.TOKENIZER))
     print(f"{report}: accuracy {scores['accuracy']:.1%}, precision {scores['precision']:.1%}, "
           f"recall {scores['recall']:.1%}, F1 {scores['f1']:.3f}")
