@@ -100,19 +100,47 @@ CHECKS = {
     "ch09_efficient": _ch09,
     "ch10_contrastive": _ch10,
     "ch11_scaling": _ch11,
+    "ch12_deployment": _ch12,
 }
+
+
+def _ch12(r):
+    int8, fp32 = (next(row for row in r["quantization"]["classifier"] if row["precision"] == p) for p in ("int8 (by hand)", "fp32"))
+    assert int8["size_vs_fp32"] > 3.5  # int8 linear layers and word table, fp32 LayerNorms and position table
+    assert abs(int8["metric"] - fp32["metric"]) < 0.03  # the same classifier, rounded: a few dev sentences may flip
+    assert all(check["max_abs_diff"] < 1e-3 for check in r["export"].values())  # ONNX Runtime gives PyTorch's logits
+    assert all(race["same tokens"] == 1.0 for race in r["generation_race"])  # same weights, same greedy tokens
+    served = r["serving"]["completions"]
+    assert all(row["errors"] == 0 and row["ok"] == r["config"]["requests"] for row in served)
+    assert r["serving"]["classify"]["errors"] == 0
 
 
 def test_every_chapter_has_a_check():
     assert [script.stem for script in CHAPTERS] == list(CHECKS)
 
 
+@pytest.fixture(scope="module")
+def quick_pipeline(tmp_path_factory):
+    """``python -m minillm pipeline --quick``, run once: it runs the main job's chapter scripts (03, 06, 07, 08) with
+    --quick, so their checks read its stage folders instead of running the same scripts a second time."""
+    cwd = tmp_path_factory.mktemp("pipeline")
+    out = cwd / "pipeline"
+    result = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=cwd, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd, out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", CHAPTERS, ids=lambda p: p.stem)
-def test_chapter_script_runs_quick_and_shows_what_it_teaches(script, tmp_path):
-    out = tmp_path / "out"
-    result = run([str(script), "--quick", "--out", str(out)], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_chapter_script_runs_quick_and_shows_what_it_teaches(script, tmp_path, request):
+    from minillm.commands.pipeline import MAIN_STAGES
+
+    if script.stem in MAIN_STAGES:  # the quick pipeline ran this script as its stage
+        out = request.getfixturevalue("quick_pipeline")[1] / script.stem
+    else:
+        out = tmp_path / "out"
+        result = run([str(script), "--quick", "--out", str(out)], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["quick"] is True and results["summary"]
     assert list(out.glob("*.png")), "a chapter saves at least one plot"
@@ -133,17 +161,15 @@ def test_chapter_script_rejects_a_bad_value_with_one_line(script, tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(tmp_path):
-    out = tmp_path / "pipeline"
-    first = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=tmp_path, timeout=1800)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(quick_pipeline):
+    cwd, out = quick_pipeline
     summary = (out / "summary.md").read_text()
     assert "| ch08_finetune | SST-2 dev, 100 labels: BERT, pretrained / random init (gain) |" in summary
     assert "| ch07_bert | held-out masked-LM accuracy, before -> after |" in summary
     assert "ch01_hello_pytorch" not in summary  # the main job's stages only (--stages all runs every chapter)
     assert "| ch06_gpt | validation perplexity |" in summary
     results_before = (out / "ch03_tokenization" / "results.json").stat().st_mtime_ns
-    second = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=tmp_path)
+    second = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=cwd)
     assert second.returncode == 0 and second.stdout.count("already done") == summary.count("| wall time |")
     assert (out / "ch03_tokenization" / "results.json").stat().st_mtime_ns == results_before
 

@@ -42,10 +42,12 @@ STAGES: list[tuple[str, str, list[str]]] = [
     ("ch10_contrastive", "SimCSE sentence embeddings, probed before and after (the shipped BERT)", []),
     ("ch11_scaling", "memory arithmetic, fp16 loss scaling, activation checkpointing, FSDP, tensor and pipeline "
      "parallelism over CPU processes", []),
+    ("ch12_deployment", "chapter 06's GPT and a BERT classifier evaluated, quantized to int8, distilled, exported to ONNX "
+     "and served (OpenAI-compatible) under a load test", ["--gpt", "{out}/ch06_gpt"]),
 ]
 # The main job: tokenizers, GPT pretraining with samples, BERT pretraining, fine-tuning and evaluation on SST-2.
 MAIN_STAGES = ["ch03_tokenization", "ch06_gpt", "ch07_bert", "ch08_finetune"]
-NEEDS = {"ch08_finetune": "ch07_bert"}  # a stage that reads another's run folder
+NEEDS = {"ch08_finetune": "ch07_bert", "ch12_deployment": "ch06_gpt"}  # a stage that reads another's run folder
 RUN_STAGES = {"ch06_gpt", "ch07_bert", "ch10_contrastive"}  # a stage whose folder is one training run (--resume)
 
 
