@@ -88,6 +88,17 @@ def _ch11(r):
 
 
 # What each chapter's quick run must show: a number that a broken chapter would not reach.
+def _ch12(r):
+    int8, fp32 = (next(row for row in r["quantization"]["classifier"] if row["precision"] == p) for p in ("int8 (by hand)", "fp32"))
+    assert int8["size_vs_fp32"] > 3.5  # int8 linear layers and word table, fp32 LayerNorms and position table
+    assert abs(int8["metric"] - fp32["metric"]) < 0.03  # the same classifier, rounded: a few dev sentences may flip
+    assert all(check["max_abs_diff"] < 1e-3 for check in r["export"].values())  # ONNX Runtime gives PyTorch's logits
+    assert all(race["same tokens"] == 1.0 for race in r["generation_race"])  # same weights, same greedy tokens
+    served = r["serving"]["completions"]
+    assert all(row["errors"] == 0 and row["ok"] == r["config"]["requests"] for row in served)
+    assert r["serving"]["classify"]["errors"] == 0
+
+
 CHECKS = {
     "ch01_hello_pytorch": lambda r: r["grad_check_max_rel_error"] < 1e-6 and r["final_train_mse"] < 0.1,
     "ch02_gradient_descent": _ch02,
@@ -102,17 +113,6 @@ CHECKS = {
     "ch11_scaling": _ch11,
     "ch12_deployment": _ch12,
 }
-
-
-def _ch12(r):
-    int8, fp32 = (next(row for row in r["quantization"]["classifier"] if row["precision"] == p) for p in ("int8 (by hand)", "fp32"))
-    assert int8["size_vs_fp32"] > 3.5  # int8 linear layers and word table, fp32 LayerNorms and position table
-    assert abs(int8["metric"] - fp32["metric"]) < 0.03  # the same classifier, rounded: a few dev sentences may flip
-    assert all(check["max_abs_diff"] < 1e-3 for check in r["export"].values())  # ONNX Runtime gives PyTorch's logits
-    assert all(race["same tokens"] == 1.0 for race in r["generation_race"])  # same weights, same greedy tokens
-    served = r["serving"]["completions"]
-    assert all(row["errors"] == 0 and row["ok"] == r["config"]["requests"] for row in served)
-    assert r["serving"]["classify"]["errors"] == 0
 
 
 def test_every_chapter_has_a_check():
