@@ -87,7 +87,7 @@ def classifier_data(tokenizer, config: Config, length: int):
     """SST-2 token ids for the classifier and its students: train (a label budget), held-out and dev."""
     splits = datasets.sst2_splits(0.1, seed=config.seed, limit=3000 if config.quick else 0)
     splits = datasets.with_labelled(splits, config.labelled, config.seed)
-    test = splits.test[:200] if config.quick else splits.test  # SST-2 dev: 872 sentences
+    test = splits.test[:96] if config.quick else splits.test  # SST-2 dev: 872 sentences
     return [encode_for_bert(tokenizer, split, length) for split in (splits.train, splits.val, test)]
 
 
@@ -124,14 +124,16 @@ def quantization_section(gpt_folder, classifier_folder, config: Config, out: pat
     batch = data.pad_batch([ids for ids, _ in dev[:32]], pad_id=pad)  # (32, T)
     tables = {"classifier": compare_precisions(classifier, {"input_ids": batch["input_ids"],
                                                             "attention_mask": batch["attention_mask"]},
-                                               dev_accuracy, embeddings=True, compile_library=not config.quick)}
+                                               dev_accuracy, embeddings=True, compile_library=not config.quick,
+                                               repeats=3 if config.quick else 10)}
     gpt, gpt_tokenizer, gpt_config = load_for_inference(gpt_folder)
     text = datasets.text_splits(gpt_config.get("data") or datasets.tiny_shakespeare_path(), 0.1)[1]
     val_ids = torch.tensor(gpt_tokenizer.encode(text), dtype=torch.long)
     block = gpt.config.block_size
-    starts = torch.arange(0, min(len(val_ids) - block - 1, 256 * block), block)  # up to 256 held-out blocks
+    starts = torch.arange(0, min(len(val_ids) - block - 1, (16 if config.quick else 256) * block), block)  # held-out blocks
     x, y = torch.stack([val_ids[s:s + block] for s in starts]), torch.stack([val_ids[s + 1:s + block + 1] for s in starts])
-    tables["gpt"] = compare_precisions(gpt, (x[:8],), lambda model: model(x, y)[1].item(), compile_library=not config.quick)
+    tables["gpt"] = compare_precisions(gpt, (x[:8],), lambda model: model(x, y)[1].item(), compile_library=not config.quick,
+                                       repeats=3 if config.quick else 10)
     for name, rows in tables.items():
         print(f"\n3. {name}: " + ("SST-2 dev accuracy" if name == "classifier" else "held-out loss (nats/token)") +
               f", weights, latency of a batch of {32 if name == 'classifier' else 8}\n" + markdown_table(rows))
@@ -222,7 +224,8 @@ def main(config: Config) -> dict:
     print("1. The models: a chapter 06 GPT and a chapter 08 BERT classifier (trained now unless given)")
     gpt_folder, classifier_folder = gpt_run(config, out), classifier_run(config, out)
     print("\n2. Evaluated on held-out data (python -m minillm evaluate --run DIR):")
-    evaluations = {name: evaluate_run(folder, out=out / f"eval-{name}", log=lambda m: print("   " + m))
+    evaluations = {name: evaluate_run(folder, limit=64 if config.quick else 0, out=out / f"eval-{name}",
+                                      log=lambda m: print("   " + m))
                    for name, folder in (("gpt", gpt_folder), ("classifier", classifier_folder))}
     quantization = quantization_section(gpt_folder, classifier_folder, config, out)
     distillation = distillation_section(classifier_folder, config, out)
