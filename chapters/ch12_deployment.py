@@ -7,7 +7,7 @@ classifier against the same student trained on labels alone; ONNX export checked
 generation against Hugging Face transformers on the same weights; and an OpenAI-compatible server on 127.0.0.1
 under a bounded load test, with dynamic batching on and off, fp32 and int8.
 
-    python chapters/ch12_deployment.py            # ~30 minutes on a 2-core CPU (it trains both models first)
+    python chapters/ch12_deployment.py            # ~25 minutes on a 2-core CPU (it trains both models first)
     python chapters/ch12_deployment.py --quick    # under a minute; what the tests run
 """
 
@@ -46,9 +46,10 @@ class Config(QuickConfig):
     classifier: str = field(default="", metadata={"help": "a fine-tuned classifier run folder (python -m minillm finetune); "
                                                           "empty: fine-tune the shipped BERT on SST-2 in <out>/classifier"})
     gpt_iters: int = field(default=2000, metadata={"help": "training steps of the GPT this chapter trains"})
-    labelled: int = field(default=0, metadata={"help": "SST-2 labels the classifier (and the students) train on (0: all)"})
+    labelled: int = field(default=20_000, metadata={"help": "SST-2 labels the classifier (and the students) train on (0: all "
+                                                            "67,349)"})
     student_layers: int = field(default=2, metadata={"help": "layers of the distilled student (the teacher has 4)"})
-    student_steps: int = field(default=1500, metadata={"help": "training steps of each student"})
+    student_steps: int = field(default=800, metadata={"help": "training steps of each student"})
     temperature: float = field(default=2.0, metadata={"help": "distillation temperature T"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the soft targets (1 - alpha: the labels)"})
     seeds: str = field(default="11,12,13", metadata={"help": "seeds of the student runs compared (not the ones tuned on)"})

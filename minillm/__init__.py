@@ -10,9 +10,12 @@ them; tests/test_architecture.py keeps them). From the bottom:
   ``number_words``
 - models: ``gpt``, ``bert``, ``transformer``; ``memory`` (what training them holds) and
   ``activation_checkpointing``; a GPT split over processes: ``tensor_parallel`` (its blocks' matrices),
-  ``pipeline_parallel`` (its layers, in stages)
+  ``pipeline_parallel`` (its layers, in stages); ``quantization`` (int8) and ``batched_generation`` (requests of
+  different lengths decoded together)
 - the loop: ``train`` (``Trainer``, ``Task``) and ``runs`` (run folders)
 - recipes: ``pretrain``, ``bert_pretraining``, ``finetune``, ``peft``, ``contrastive``, ``nanogpt``
+- deployment: ``inference_runs`` (any run loaded for inference), ``evaluation``, ``distillation``, ``onnx_export``,
+  ``serving``, ``load_test``, ``generation_speed``
 - commands: ``minillm.commands`` (``python -m minillm ...``); the chapter scripts ship as ``minillm.chapters``
 """
 

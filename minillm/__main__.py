@@ -4,6 +4,9 @@
 - ``pretrain gpt`` / ``pretrain bert``: pretrain a GPT on a text file, a BERT on IMDB's unlabelled reviews (``minillm.pretrain``, ``minillm.bert_pretraining``).
 - ``finetune``: fine-tune a pretrained BERT run on SST-2 or IMDB, fully or parameter-efficiently (``minillm.commands.finetune``).
 - ``generate``: sample from a pretrained run.
+- ``evaluate``: score a finished run on its held-out data (``minillm.evaluation``).
+- ``export``: write a run as ONNX (checked with ONNX Runtime) or as a Hugging Face folder (``minillm.onnx_export``).
+- ``serve``: an OpenAI-compatible HTTP server for a GPT or classifier run, batching requests (``minillm.serving``).
 - ``export``: a run as an ONNX model checked against onnxruntime, or as a Hugging Face folder (``minillm.commands.export``).
 - ``bench``: training throughput (and MFU on CUDA) of a GPT shape, or of BERT pretraining against Hugging Face's (``minillm.commands.bench``).
 
