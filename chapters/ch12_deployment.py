@@ -231,10 +231,16 @@ def main(config: Config) -> dict:
     quantization = quantization_section(gpt_folder, classifier_folder, config, out)
     distillation = distillation_section(classifier_folder, config, out)
     export = export_section(gpt_folder, classifier_folder, out)
-    print("\n6. Greedy generation, minillm vs Hugging Face transformers, same GPT-2-shaped weights:")
-    shape = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, bias=True) if config.quick else None
-    race = [r.row() for r in race_generation(shape, new_tokens=config.race_tokens, repeats=1 if config.quick else 3,
-                                             log=lambda m: print("   " + m))]
+    print("\n6. Greedy generation, minillm vs Hugging Face transformers, the same weights in GPT-2's layout:")
+    shapes = {"GPT-2 small (124M)": None, "chapter 06's shape (0.8M)": GPTConfig(
+        vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)}
+    if config.quick:
+        shapes = {"tiny": GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)}
+    race = []
+    for shape_name, shape in shapes.items():
+        print(f"   {shape_name}:")
+        race += [{"model": shape_name, **r.row()} for r in race_generation(
+            shape, new_tokens=config.race_tokens, repeats=1 if config.quick else 3, log=lambda m: print("   " + m))]
     serving = serving_section(gpt_folder, classifier_folder, config, out)
     accuracy = {row["precision"]: row for row in quantization["classifier"]}
     summary = {
@@ -242,7 +248,8 @@ def main(config: Config) -> dict:
                                                            f"{accuracy['int8 (by hand)']['metric']:.1%}",
         "int8 (by hand) vs fp32: throughput, size": f"{accuracy['int8 (by hand)']['speedup_vs_fp32']:.2f}x, "
                                                     f"{accuracy['int8 (by hand)']['size_vs_fp32']:.2f}x smaller",
-        "greedy generation vs transformers (1 / 8 sequences)": " / ".join(f"{r['speedup']:.2f}x" for r in race),
+        "greedy generation vs transformers (1 / 8 sequences)": "; ".join(
+            f"{shape}: " + " / ".join(f"{r['speedup']:.2f}x" for r in race if r["model"] == shape) for shape in shapes),
         "ONNX Runtime vs PyTorch, max |logit difference|": " / ".join(f"{c['max_abs_diff']:.1e}" for c in export.values()),
     }
     results = {"evaluations": evaluations, "quantization": quantization, "distillation": distillation, "export": export,
