@@ -85,7 +85,8 @@ def main(config: Config) -> dict:
         splits = datasets.sst2_splits(config.val_fraction, seed=config.seed, limit=limit)
         encode = lambda examples: encode_for_bert(tokenizer, examples, config.max_length)  # noqa: E731
         pad = special_token_ids(tokenizer).pad
-        return ClassificationTask(encode(splits.train), encode(splits.val), pad), encode(splits.test)
+        dev = splits.test[:300] if config.quick else splits.test  # quick: a slice of SST-2 dev's 872 sentences
+        return ClassificationTask(encode(splits.train), encode(splits.val), pad), encode(dev)
 
     def fine_tune(params: dict, folder: pathlib.Path, task, dev, **changes) -> dict:  # one run, a trial's metrics
         options = {**params, **changes}

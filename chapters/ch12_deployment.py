@@ -192,7 +192,7 @@ def serving_section(gpt_folder, classifier_folder, config: Config, out: pathlib.
     completions each configuration, dynamic batching on (16 sequences) and off (1), fp32 and int8."""
     payload = {"model": "gpt", "prompt": "ROMEO:\n", "max_tokens": config.max_tokens, "temperature": 0.8}
     rows, latencies = [], {}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32",) if config.quick else ("fp32", "int8"):  # quick: int8 serving is tested elsewhere
         served = load_served_model(gpt_folder, quantize="int8" if precision == "int8" else None, name="gpt")
         for max_batch in (16, 1):
             with start_server(served, ServingConfig(max_batch=max_batch)) as server:
