@@ -86,7 +86,8 @@ def test_the_notebooks_command_saves_an_executed_notebook_with_its_outputs_and_f
 # Notebooks committed executed, with the outputs and figures of a real run (python -m minillm notebooks), so that
 # they show their results on GitHub unrun. Every chapter joins this set once its full run is saved.
 EXECUTED = {"ch01_hello_pytorch", "ch02_gradient_descent", "ch03_tokenization", "ch04_attention", "ch05_transformer",
-            "ch06_gpt", "ch07_bert", "ch08_finetune", "ch09_efficient", "ch10_contrastive", "ch11_scaling"}
+            "ch06_gpt", "ch07_bert", "ch08_finetune", "ch09_efficient", "ch10_contrastive", "ch11_scaling",
+            "ch12_deployment"}
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem in EXECUTED], ids=lambda p: p.stem)
