@@ -24,7 +24,7 @@ from minillm.bert import BertForSequenceClassification
 from minillm.config import QuickConfig, run_chapter
 from minillm.device import seed_everything
 from minillm.distillation import DistillationConfig, distil, footprint, student_from_teacher
-from minillm.evaluation import evaluate_run
+from minillm.evaluation import evaluate_run, gpt_held_out_text
 from minillm.files import write_json
 from minillm.finetune import ClassificationTask, FinetuneConfig, encode_for_bert, finetune, predict
 from minillm.generation_speed import race_generation
@@ -128,8 +128,7 @@ def quantization_section(gpt_folder, classifier_folder, config: Config, out: pat
                                                dev_accuracy, embeddings=True, compile_library=not config.quick,
                                                repeats=3 if config.quick else 10)}
     gpt, gpt_tokenizer, gpt_config = load_for_inference(gpt_folder)
-    text = datasets.text_splits(gpt_config.get("data") or datasets.tiny_shakespeare_path(), 0.1)[1]
-    val_ids = torch.tensor(gpt_tokenizer.encode(text), dtype=torch.long)
+    val_ids = torch.tensor(gpt_tokenizer.encode(gpt_held_out_text(gpt_folder, gpt_config)), dtype=torch.long)
     block = gpt.config.block_size
     starts = torch.arange(0, min(len(val_ids) - block - 1, (16 if config.quick else 256) * block), block)  # held-out blocks
     x, y = torch.stack([val_ids[s:s + block] for s in starts]), torch.stack([val_ids[s + 1:s + block + 1] for s in starts])

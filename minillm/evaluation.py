@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from minillm import MinillmError, data, datasets, metrics, plots, runs
 from minillm.files import write_json
 from minillm.finetune import ClassificationTask, encode_for_bert, predict
-from minillm.inference_runs import CLASSIFIER, TRANSFORMER, load_for_inference
+from minillm.inference_runs import CLASSIFIER, TRANSFORMER, classifier_shape, load_for_inference
 from minillm.number_words import evaluate, number_dataset
 from minillm.tokenization import special_token_ids
 
@@ -109,20 +109,14 @@ def classifier_scores(model, tokenizer, examples: list[tuple[str, int]], max_len
                       device="cpu") -> dict[str, Any]:
     """Accuracy, precision, recall, F1 (positive class 1), macro-F1 and the confusion matrix of ``model``'s argmax
     over ``examples`` (text, label); texts are cut to ``max_length`` tokens (:func:`minillm.finetune.head_and_tail`)."""
-    length = min(max_length, model_max_length(model))
+    _, max_len, prompt_tokens = classifier_shape(model)
+    length = min(max_length, max_len - prompt_tokens)
     encoded = encode_for_bert(tokenizer, examples, length)
     task = ClassificationTask(encoded[:2], encoded[:2], special_token_ids(tokenizer).pad)  # only its batching is used
     predicted, true = predict(model, task, encoded, device, batch_size=batch_size, precision="fp32")
     scores = metrics.classification_metrics(true, predicted)
     return {**scores, "confusion_matrix": metrics.confusion_matrix(true, predicted, num_classes=2).tolist(),
             "examples": len(true)}
-
-
-def model_max_length(model) -> int:
-    """The longest input a (possibly PEFT-wrapped) BERT classifier takes, its prompt vectors counted."""
-    inner = getattr(model, "model", model)  # prompt tuning wraps the classifier
-    prompt = getattr(model, "prompt", None)
-    return inner.config.max_len - (prompt.shape[-2] if isinstance(prompt, torch.Tensor) else 0)
 
 
 # ---------------------------------------------------------------------------------------------

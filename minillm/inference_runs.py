@@ -66,6 +66,15 @@ def build_classifier(folder: pathlib.Path, config: dict) -> nn.Module:
         raise MinillmError(f"{folder / runs.CONFIG} does not describe a classifier minillm can build: {error}") from None
 
 
+def classifier_shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(num_labels, max_len, prompt_tokens)`` of a BERT classifier, or of its soft-prompt wrapper."""
+    inner = getattr(model, "model", model)  # minillm.peft.PromptTuning wraps the classifier
+    if not hasattr(inner, "num_labels") or not hasattr(getattr(inner, "config", None), "max_len"):
+        raise MinillmError(f"minillm serves a GPT or a BERT classifier, not a {type(model).__name__}")
+    prompt = model.prompt.shape[0] if inner is not model and hasattr(model, "prompt") else 0
+    return inner.num_labels, inner.config.max_len, prompt
+
+
 def load_for_inference(path: str | pathlib.Path, device: Any = "cpu", expect: str | None = None) -> runs.LoadedRun:
     """``(model, tokenizer, config)`` of a finished run folder, in eval mode on ``device``: a GPT, a BERT
     (pretraining heads), a BERT encoder, or a fine-tuned BERT classifier (``expect``: the model type wanted)."""

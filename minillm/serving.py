@@ -64,7 +64,7 @@ from minillm.batched_generation import BatchedDecoder, Row, SamplingParams
 from minillm.config import QuickConfig
 from minillm.finetune import encode_for_bert
 from minillm.gpt import GPT
-from minillm.inference_runs import load_for_inference
+from minillm.inference_runs import classifier_shape, load_for_inference
 from minillm.quantization import quantize_model
 from minillm.tokenization import UnknownCharacterError, encode_ids, special_token_ids, tokenizer_size
 
@@ -226,15 +226,6 @@ class ServedModel:
     @property
     def context(self) -> int:
         return self.model.config.block_size if self.kind == "completions" else self.max_length
-
-
-def classifier_shape(model: nn.Module) -> tuple[int, int, int]:
-    """``(num_labels, max_len, prompt_tokens)`` of a BERT classifier, or of its soft-prompt wrapper."""
-    inner = getattr(model, "model", model)  # minillm.peft.PromptTuning wraps the classifier
-    if not hasattr(inner, "num_labels") or not hasattr(getattr(inner, "config", None), "max_len"):
-        raise MinillmError(f"minillm serves a GPT or a BERT classifier, not a {type(model).__name__}")
-    prompt = model.prompt.shape[0] if inner is not model and hasattr(model, "prompt") else 0
-    return inner.num_labels, inner.config.max_len, prompt
 
 
 def label_names(num_labels: int, run_config: dict | None = None) -> list[str]:
