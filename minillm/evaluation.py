@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minillm import MinillmError, data, datasets, metrics, plots, runs
-from minillm.files import write_json
+from minillm.files import shown_path, write_json
 from minillm.finetune import ClassificationTask, encode_for_bert, predict
 from minillm.inference_runs import CLASSIFIER, TRANSFORMER, classifier_shape, load_for_inference
 from minillm.number_words import evaluate, number_dataset
@@ -158,7 +158,7 @@ def evaluate_run(folder: str | pathlib.Path, data_name: str = "auto", limit: int
                                         title=f"{folder.name} on {split}")
             log(f"{folder.name} on {split} ({scores['examples']:,}): accuracy {scores['accuracy']:.1%}, precision "
                 f"{scores['precision']:.1%}, recall {scores['recall']:.1%}, F1 {scores['f1']:.3f}; "
-                f"confusion matrix in {out / CONFUSION_PLOT}")
+                f"confusion matrix in {shown_path(out / CONFUSION_PLOT)}")
         else:  # a pretrained BERT
             scores = {"split": "held-out sentence pairs", **bert_scores(folder, model, tokenizer, config, batch_size, device,
                                                                         limit)}

@@ -71,3 +71,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a message should show it: relative to the working directory when it lies below it (a log
+    then names ``runs/x/eval.json``, not the user's home), otherwise as given."""
+    path = pathlib.Path(path)
+    try:
+        return str(path.resolve().relative_to(pathlib.Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

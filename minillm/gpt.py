@@ -244,10 +244,12 @@ class GPT(nn.Module):
     # Sampling
     # -----------------------------------------------------------------------------------------
 
-    def new_caches(self, batch_size: int, device=None, dtype=None) -> list:
-        """One empty KV cache per block, each holding up to ``block_size`` positions."""
-        return [block.attn.new_cache(batch_size, self.config.block_size, device=device, dtype=dtype)
-                for block in self.blocks]
+    def new_caches(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> list:
+        """One empty KV cache per block, each holding up to ``max_len`` positions (at most, and by default,
+        ``block_size``). Each holds 2·B·n_embd·max_len numbers: for GPT-2 small at B = 8 and the full 1,024
+        positions that is 600 MB in float32, so :meth:`generate` asks for what it will use."""
+        max_len = self.config.block_size if max_len is None else min(max_len, self.config.block_size)
+        return [block.attn.new_cache(batch_size, max_len, device=device, dtype=dtype) for block in self.blocks]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -279,7 +281,7 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         caches, cached = None, 0  # how many positions of the current window the caches hold
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             window = idx[:, -block_size:]  # (B, <= block_size): slide once the context is full
             if not use_kv_cache:
                 logits, _ = self(window, last_only=True)
@@ -287,7 +289,9 @@ class GPT(nn.Module):
                 logits, _ = self(window[:, -1:], kv_caches=caches, offset=cached, last_only=True)  # one new token
                 cached += 1
             else:  # first step, or the window slid: (re)fill the caches from the window
-                caches = self.new_caches(idx.shape[0], device=idx.device, dtype=self.wte.weight.dtype)
+                positions = idx.shape[1] + max_new_tokens - step  # the final length: all a cache will ever hold
+                caches = self.new_caches(idx.shape[0], device=idx.device, dtype=self.wte.weight.dtype,
+                                         max_len=positions)
                 logits, _ = self(window, kv_caches=caches, last_only=True)
                 cached = window.shape[1]
             next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)

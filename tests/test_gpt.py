@@ -82,6 +82,24 @@ def test_greedy_decoding_with_the_kv_cache_equals_recomputation_even_past_the_co
     assert torch.equal(cached[:, :prompt_len], prompt)
 
 
+def test_generate_sizes_its_kv_caches_to_the_final_length_not_the_whole_context(monkeypatch):
+    model = tiny_gpt(0)  # context 16
+    sizes = []
+    original = type(model).new_caches
+
+    def recording(self, *args, **kwargs):
+        caches = original(self, *args, **kwargs)
+        sizes.append(caches[0].max_len)
+        return caches
+
+    monkeypatch.setattr(type(model), "new_caches", recording)
+    model.generate(torch.tensor([[1, 2, 3]]), 5, temperature=0)
+    assert sizes == [8]  # 3 prompt + 5 new: one allocation, not 16
+    sizes.clear()
+    model.generate(torch.tensor([[1, 2, 3]]), 20, temperature=0)  # past the context: refilled at the full 16
+    assert sizes[0] == 16 and set(sizes) == {16}
+
+
 def test_greedy_decoding_takes_the_argmax_of_the_last_window():
     model = tiny_gpt(3)
     out = model.generate(torch.tensor([[1, 2, 3]]), 20, temperature=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -129,6 +130,14 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
         files.write_json(target, {"step": 2})
     assert files.read_json(target) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left behind
+
+
+def test_shown_path_is_relative_below_the_working_directory_and_unchanged_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert files.shown_path(tmp_path / "runs" / "a" / "eval.json") == str(pathlib.Path("runs/a/eval.json"))
+    assert files.shown_path("runs/a") == str(pathlib.Path("runs/a"))
+    outside = tmp_path.parent / "elsewhere.json"
+    assert files.shown_path(outside) == str(outside)
 
 
 def test_mlp_has_the_requested_widths_and_no_final_activation():
