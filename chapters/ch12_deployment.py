@@ -27,7 +27,7 @@ from minillm.distillation import DistillationConfig, distil, footprint, student_
 from minillm.evaluation import evaluate_run, gpt_held_out_text
 from minillm.files import write_json
 from minillm.finetune import ClassificationTask, FinetuneConfig, encode_for_bert, finetune, predict
-from minillm.generation_speed import race_generation
+from minillm.generation_speed import race_generation, read_bandwidth
 from minillm.gpt import GPTConfig
 from minillm.inference_runs import CLASSIFIER, classifier_run_info, load_for_inference
 from minillm.load_test import load_test
@@ -235,6 +235,8 @@ def main(config: Config) -> dict:
         vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)}
     if config.quick:
         shapes = {"tiny": GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)}
+    bandwidth = read_bandwidth(64 if config.quick else 512)  # the roofline: one token reads every weight once
+    print(f"   this machine reads memory at {bandwidth:.1f} GB/s (a sum over {64 if config.quick else 512} MB)")
     race = []
     for shape_name, shape in shapes.items():
         print(f"   {shape_name}:")
@@ -252,7 +254,7 @@ def main(config: Config) -> dict:
         "ONNX Runtime vs PyTorch, max |logit difference|": " / ".join(f"{c['max_abs_diff']:.1e}" for c in export.values()),
     }
     results = {"evaluations": evaluations, "quantization": quantization, "distillation": distillation, "export": export,
-               "generation_race": race, "serving": serving, "config": asdict(config), "summary": summary}
+               "generation_race": race, "read_bandwidth_gb_per_s": bandwidth, "serving": serving, "config": asdict(config), "summary": summary}
     write_json(out / "results.json", results)
     print(f"\nSaved {out / 'results.json'} and the plots in {out}")
     return results

@@ -119,10 +119,11 @@ def test_every_chapter_has_a_check():
     assert [script.stem for script in CHAPTERS] == list(CHECKS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_pipeline(tmp_path_factory):
     """``python -m minillm pipeline --quick``, run once: it runs the main job's chapter scripts (03, 06, 07, 08) with
-    --quick, so their checks read its stage folders instead of running the same scripts a second time."""
+    --quick, so their checks read its stage folders instead of running the same scripts a second time. Session-wide:
+    a pytest-xdist worker may run other files' tests between two of these, which would end a module's fixture."""
     cwd = tmp_path_factory.mktemp("pipeline")
     out = cwd / "pipeline"
     result = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=cwd, timeout=1800)
@@ -130,12 +131,21 @@ def quick_pipeline(tmp_path_factory):
     return cwd, out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", CHAPTERS, ids=lambda p: p.stem)
-def test_chapter_script_runs_quick_and_shows_what_it_teaches(script, tmp_path, request):
+def _main_stage(script) -> bool:
     from minillm.commands.pipeline import MAIN_STAGES
 
-    if script.stem in MAIN_STAGES:  # the quick pipeline ran this script as its stage
+    return script.stem in MAIN_STAGES
+
+
+# With pytest-xdist, the tests that read the quick pipeline's folders share one worker, so it runs once.
+ON_THE_PIPELINE = pytest.mark.xdist_group("quick_pipeline")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [pytest.param(script, marks=ON_THE_PIPELINE) if _main_stage(script) else script
+                                    for script in CHAPTERS], ids=lambda p: p.stem)
+def test_chapter_script_runs_quick_and_shows_what_it_teaches(script, tmp_path, request):
+    if _main_stage(script):  # the quick pipeline ran this script as its stage
         out = request.getfixturevalue("quick_pipeline")[1] / script.stem
     else:
         out = tmp_path / "out"
@@ -161,6 +171,7 @@ def test_chapter_script_rejects_a_bad_value_with_one_line(script, tmp_path):
 
 
 @pytest.mark.slow
+@ON_THE_PIPELINE
 def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(quick_pipeline):
     cwd, out = quick_pipeline
     summary = (out / "summary.md").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -282,15 +283,29 @@ def wait_until_idle(server, seconds: float = 10.0) -> None:
 
 
 @pytest.fixture
-def slow_model(server):
-    """Every forward pass of the served model sleeps 20 ms, so that a 40-token completion lasts ~1 s and a client
-    that leaves after its first token leaves long before the end (whatever the machine's load)."""
-    handle = server.app.state.served.model.ln_f.register_forward_hook(lambda *_: time.sleep(0.02))
+def held_model(server):
+    """The served model's first forward pass (the prefill, which gives the first token) runs; the next ones wait
+    until a request in the batch has been cancelled (at most 30 s), then every pass runs freely again. A completion
+    then cannot end before the server has seen its client leave, however long that takes on a loaded machine: no
+    race between the two."""
+    calls, released = [], threading.Event()
+
+    def hold(*_):
+        calls.append(1)
+        deadline = time.monotonic() + 30
+        while len(calls) > 1 and not released.is_set() and time.monotonic() < deadline:
+            if any(row.owner.cancelled for row in server.worker.decoder.rows):
+                released.set()
+            time.sleep(0.005)
+        if time.monotonic() >= deadline:
+            released.set()  # no cancellation came: let the completion end (the test then fails, not hangs)
+
+    handle = server.app.state.served.model.ln_f.register_forward_hook(hold)
     yield
     handle.remove()
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(server, client, slow_model):
+def test_a_client_leaving_mid_stream_frees_its_slot(server, client, held_model):
     before = server.worker.cancelled_rows
     with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as leaving:
         with leaving.stream("POST", "/v1/completions", json={"model": "tiny-gpt", "prompt": "ROMEO:", "max_tokens": 40,
@@ -302,7 +317,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, client, slow_model):
     assert complete(client, prompt="ROMEO:", max_tokens=3, temperature=0)["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_client_leaving_a_plain_request_frees_its_slot(server, client, slow_model):
+def test_a_client_leaving_a_plain_request_frees_its_slot(server, client, held_model):
     before = server.worker.cancelled_rows
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={"model": "tiny-gpt", "prompt": "ROMEO:", "max_tokens": 40},
