@@ -241,7 +241,7 @@ def main(config: Config) -> dict:
     for shape_name, shape in shapes.items():
         print(f"   {shape_name}:")
         race += [{"model": shape_name, **r.row()} for r in race_generation(
-            shape, new_tokens=config.race_tokens, repeats=1 if config.quick else 3, log=lambda m: print("   " + m))]
+            shape, new_tokens=config.race_tokens, repeats=1 if config.quick else 5, log=lambda m: print("   " + m))]
     serving = serving_section(gpt_folder, classifier_folder, config, out)
     accuracy = {row["precision"]: row for row in quantization["classifier"]}
     summary = {

@@ -119,42 +119,28 @@ def test_every_chapter_has_a_check():
     assert [script.stem for script in CHAPTERS] == list(CHECKS)
 
 
-@pytest.fixture(scope="session")
-def quick_pipeline(tmp_path_factory):
-    """``python -m minillm pipeline --quick``, run once: it runs the main job's chapter scripts (03, 06, 07, 08) with
-    --quick, so their checks read its stage folders instead of running the same scripts a second time. Session-wide:
-    a pytest-xdist worker may run other files' tests between two of these, which would end a module's fixture."""
-    cwd = tmp_path_factory.mktemp("pipeline")
-    out = cwd / "pipeline"
-    result = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=cwd, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cwd, out
-
-
 def _main_stage(script) -> bool:
     from minillm.commands.pipeline import MAIN_STAGES
 
     return script.stem in MAIN_STAGES
 
 
-# With pytest-xdist, the tests that read the quick pipeline's folders share one worker, so it runs once.
-ON_THE_PIPELINE = pytest.mark.xdist_group("quick_pipeline")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script", [pytest.param(script, marks=ON_THE_PIPELINE) if _main_stage(script) else script
-                                    for script in CHAPTERS], ids=lambda p: p.stem)
-def test_chapter_script_runs_quick_and_shows_what_it_teaches(script, tmp_path, request):
-    if _main_stage(script):  # the quick pipeline ran this script as its stage
-        out = request.getfixturevalue("quick_pipeline")[1] / script.stem
-    else:
-        out = tmp_path / "out"
-        result = run([str(script), "--quick", "--out", str(out)], cwd=tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def check_chapter_results(script_stem: str, out) -> None:
+    """The results a chapter's quick run wrote into ``out``: its summary, a plot, and the chapter's own check."""
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["quick"] is True and results["summary"]
     assert list(out.glob("*.png")), "a chapter saves at least one plot"
-    assert CHECKS[script.stem](results) is not False, results["summary"]
+    assert CHECKS[script_stem](results) is not False, results["summary"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [script for script in CHAPTERS if not _main_stage(script)], ids=lambda p: p.stem)
+def test_chapter_script_runs_quick_and_shows_what_it_teaches(script, tmp_path):
+    """The main job's chapters (03, 06, 07, 08) are checked in test_pipeline.py, on the quick pipeline's folders."""
+    out = tmp_path / "out"
+    result = run([str(script), "--quick", "--out", str(out)], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_chapter_results(script.stem, out)
 
 
 @pytest.mark.parametrize("script", CHAPTERS, ids=lambda p: p.stem)
@@ -168,21 +154,6 @@ def test_chapter_script_rejects_a_bad_value_with_one_line(script, tmp_path):
     result = run([str(script), "--steps", "-3"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "must be at least 1" in result.stderr
-
-
-@pytest.mark.slow
-@ON_THE_PIPELINE
-def test_pipeline_runs_every_stage_then_resumes_without_redoing_them(quick_pipeline):
-    cwd, out = quick_pipeline
-    summary = (out / "summary.md").read_text()
-    assert "| ch08_finetune | SST-2 dev, 100 labels: BERT, pretrained / random init (gain) |" in summary
-    assert "| ch07_bert | held-out masked-LM accuracy, before -> after |" in summary
-    assert "ch01_hello_pytorch" not in summary  # the main job's stages only (--stages all runs every chapter)
-    assert "| ch06_gpt | validation perplexity |" in summary
-    results_before = (out / "ch03_tokenization" / "results.json").stat().st_mtime_ns
-    second = run(["-m", "minillm", "pipeline", "--quick", "--out", str(out)], cwd=cwd)
-    assert second.returncode == 0 and second.stdout.count("already done") == summary.count("| wall time |")
-    assert (out / "ch03_tokenization" / "results.json").stat().st_mtime_ns == results_before
 
 
 def test_pipeline_rejects_an_unknown_stage_with_one_line(tmp_path):
