@@ -235,8 +235,9 @@ def main(config: Config) -> dict:
         vocab_size=65, block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)}
     if config.quick:
         shapes = {"tiny": GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)}
-    bandwidth = read_bandwidth(64 if config.quick else 512)  # the roofline: one token reads every weight once
-    print(f"   this machine reads memory at {bandwidth:.1f} GB/s (a sum over {64 if config.quick else 512} MB)")
+    megabytes = 64 if config.quick else 512
+    bandwidth = read_bandwidth(megabytes)  # the roofline: one token reads every weight once
+    print(f"   this machine reads memory at {bandwidth:.1f} GB/s (a sum over {megabytes} MB)")
     race = []
     for shape_name, shape in shapes.items():
         print(f"   {shape_name}:")

@@ -12,7 +12,8 @@ should give the same continuation (float reassociation may flip a near-tie; the 
 weight is read once for 2 floating-point operations, so the step's floor is the time to stream the weights from
 memory, ``weight_bytes / bandwidth`` (Williams et al., 2009, "Roofline"). :func:`read_bandwidth` measures the
 machine's side of that (a sum over a tensor far larger than the caches); :attr:`GenerationRace.weights_gb_per_s`
-is what each side achieved. When both are close to the floor, a faster decoding loop cannot show; a model whose
+is what each side achieved. When both sides spend the step in the same matrix products (at GPT-2 small's size, on
+a CPU: torch's BLAS, at the same fraction of the floor), a faster decoding loop cannot show; a model whose
 arithmetic is small (chapter 06's) is where the loop's own overhead is the time.
 
 A benchmark, not a test: ``python chapters/ch12_deployment.py`` and the README report its numbers.
@@ -42,7 +43,7 @@ class GenerationRace:
     minillm_seconds: float
     hf_seconds: float
     same_tokens: float  # share of generated tokens equal on both sides
-    weight_bytes: int = 0  # bytes of weights one decoding step reads (every matrix but the position table)
+    weight_bytes: int  # bytes of weights one decoding step reads (every matrix but the position table)
 
     @property
     def speedup(self) -> float:

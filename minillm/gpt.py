@@ -281,7 +281,8 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         caches, cached = None, 0  # how many positions of the current window the caches hold
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for step in range(max_new_tokens):
+        final_length = idx.shape[1] + max_new_tokens  # all a cache will ever hold (new_caches caps it at block_size)
+        for _ in range(max_new_tokens):
             window = idx[:, -block_size:]  # (B, <= block_size): slide once the context is full
             if not use_kv_cache:
                 logits, _ = self(window, last_only=True)
@@ -289,9 +290,8 @@ class GPT(nn.Module):
                 logits, _ = self(window[:, -1:], kv_caches=caches, offset=cached, last_only=True)  # one new token
                 cached += 1
             else:  # first step, or the window slid: (re)fill the caches from the window
-                positions = idx.shape[1] + max_new_tokens - step  # the final length: all a cache will ever hold
                 caches = self.new_caches(idx.shape[0], device=idx.device, dtype=self.wte.weight.dtype,
-                                         max_len=positions)
+                                         max_len=final_length)
                 logits, _ = self(window, kv_caches=caches, last_only=True)
                 cached = window.shape[1]
             next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)

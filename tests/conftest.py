@@ -26,12 +26,12 @@ def _share_the_cores_between_workers() -> None:
     spinning OpenMP threads, slower than one worker alone."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        threads = max(1, (os.cpu_count() or 1) // workers)
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[variable] = threads  # inherited by subprocesses; torch reads it when first imported
+            os.environ[variable] = str(threads)  # inherited by subprocesses; torch reads it when first imported
         import torch
 
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
 
 
 _share_the_cores_between_workers()

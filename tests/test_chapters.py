@@ -11,6 +11,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from minillm.commands.pipeline import MAIN_STAGES
+
 CHAPTERS = sorted((REPO_ROOT / "chapters").glob("ch[0-9][0-9]_*.py"))
 
 
@@ -119,12 +121,6 @@ def test_every_chapter_has_a_check():
     assert [script.stem for script in CHAPTERS] == list(CHECKS)
 
 
-def _main_stage(script) -> bool:
-    from minillm.commands.pipeline import MAIN_STAGES
-
-    return script.stem in MAIN_STAGES
-
-
 def check_chapter_results(script_stem: str, out) -> None:
     """The results a chapter's quick run wrote into ``out``: its summary, a plot, and the chapter's own check."""
     results = json.loads((out / "results.json").read_text())
@@ -134,7 +130,7 @@ def check_chapter_results(script_stem: str, out) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [script for script in CHAPTERS if not _main_stage(script)], ids=lambda p: p.stem)
+@pytest.mark.parametrize("script", [script for script in CHAPTERS if script.stem not in MAIN_STAGES], ids=lambda p: p.stem)
 def test_chapter_script_runs_quick_and_shows_what_it_teaches(script, tmp_path):
     """The main job's chapters (03, 06, 07, 08) are checked in test_pipeline.py, on the quick pipeline's folders."""
     out = tmp_path / "out"
