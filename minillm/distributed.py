@@ -19,6 +19,7 @@ import os
 import pathlib
 import pickle
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -83,6 +84,11 @@ def accumulating(train_model: torch.nn.Module) -> contextlib.AbstractContextMana
 # ---------------------------------------------------------------------------------------------
 
 
+def _failure(error: BaseException) -> tuple[str, float, str]:
+    """A failed process's outcome: when it failed (the parent blames the first), the error and its traceback."""
+    return ("error", time.time(), f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+
+
 def _worker(rank: int, world_size: int, folder: str, function: Callable, args: tuple, threads: int,
             timeout: float) -> None:
     """One process of :func:`spawn`: join the group through a file (no network port), run, save the result."""
@@ -91,12 +97,17 @@ def _worker(rank: int, world_size: int, folder: str, function: Callable, args: t
     try:
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
+    except BaseException as error:
+        outcome = _failure(error)
+    else:
         try:
+            # Every process waits here until all have joined: a process that fails at once would otherwise close
+            # its connections while a slower one is still connecting to it, and that one would fail too.
+            dist.barrier()
             outcome = ("ok", function(rank, world_size, *args))
-        finally:
-            dist.destroy_process_group()
-    except BaseException as error:  # reported by the parent, which names the rank and shows the traceback
-        outcome = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        except BaseException as error:
+            outcome = _failure(error)  # timed before this process leaves the group and its peers fail on that
+        dist.destroy_process_group()
     with open(result_path, "wb") as handle:
         pickle.dump(outcome, handle)
 
@@ -109,8 +120,8 @@ def spawn(function: Callable[..., Any], world_size: int = 2, *args: Any, threads
     arguments and result picklable. The processes find each other through a file in a temporary folder, so
     nothing listens on a network port and two groups can run at once. Each process uses ``threads`` CPU
     threads (one by default: N processes on N cores). A process that raises makes this raise
-    ``MinillmError`` with the rank and its traceback; one left waiting for it in a collective gives up after
-    ``timeout`` seconds.
+    ``MinillmError`` with the rank and its traceback (the first to fail, when several do: the others failed
+    because it left); one left waiting for it in a collective gives up after ``timeout`` seconds.
     """
     import torch.multiprocessing as mp
 
@@ -126,7 +137,10 @@ def spawn(function: Callable[..., Any], world_size: int = 2, *args: Any, threads
                 raise MinillmError(f"process {rank} of {world_size} ended without a result")
             with open(path, "rb") as handle:
                 outcomes.append(pickle.load(handle))
-    for rank, (status, value) in enumerate(outcomes):
-        if status == "error":
-            raise MinillmError(f"process {rank} of {world_size} failed: {value}")
-    return [value for _, value in outcomes]
+    failures = [(outcome[1], rank, outcome[2]) for rank, outcome in enumerate(outcomes) if outcome[0] == "error"]
+    if failures:
+        # The first to fail is the cause: the others failed after it, when it left their collectives.
+        _, rank, message = min(failures)
+        others = f" ({len(failures) - 1} more failed after it)" if len(failures) > 1 else ""
+        raise MinillmError(f"process {rank} of {world_size} failed{others}: {message}")
+    return [outcome[1] for outcome in outcomes]

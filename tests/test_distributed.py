@@ -28,3 +28,15 @@ def test_spawn_runs_one_process_per_rank_joined_in_one_group_and_returns_results
 def test_spawn_names_the_rank_that_failed_and_its_error():
     with pytest.raises(MinillmError, match=r"process 1 of 2 failed: ValueError: rank one does not like this"):
         spawn(_fails_on_rank_one, 2)
+
+
+def _fails_on_rank_one_while_rank_zero_waits_for_it(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("rank one leaves before the all-reduce")
+    dist.all_reduce(torch.ones(1))  # rank 0 fails here too, when rank 1's connection closes
+    return rank
+
+
+def test_spawn_blames_the_first_rank_to_fail_not_the_one_that_failed_because_it_left():
+    with pytest.raises(MinillmError, match=r"process 1 of 2 failed \(1 more failed after it\): ValueError: rank one leaves"):
+        spawn(_fails_on_rank_one_while_rank_zero_waits_for_it, 2, timeout=60)
